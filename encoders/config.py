@@ -1,0 +1,52 @@
+"""Config schema of the encoder model (``pretrain_encoder.py``): the TRM schema plus the encoder's
+keys, named as in the experiment plan (``arch.encoder_type``, ``arch.encoder_pooling_method``,
+``arch.freeze_encoder``, ``arch.encoder_num_layers``, ...)."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from trm.config import ArchConfig, TrainConfig
+
+
+def _check_registered(kind: str, name: str) -> str:
+    import encoders  # noqa: F401  (registers every encoder and pooling)
+    from encoders.registry import ENCODERS, POOLINGS
+
+    try:
+        (ENCODERS if kind == "encoder" else POOLINGS).get_valid(name)
+    except KeyError as e:
+        raise ValueError(e.args[0]) from None
+    return name
+
+
+class EncoderArchConfig(ArchConfig):
+    encoder_type: str = Field("standard", description="registry name: standard, lpn_standard, lpn_variational")
+    encoder_pooling_method: str = Field("mean", description="pooling of a grid's cells: mean, attention, cls")
+    encoder_num_layers: int | None = Field(None, ge=1, description="grid transformer depth (None: the encoder's default)")
+    encoder_hidden_size: int | None = Field(None, ge=8, description="encoder width (None: hidden_size)")
+    encoder_num_heads: int | None = Field(None, ge=1, description="None: num_heads")
+    encoder_set_layers: int = Field(2, ge=1, description="layers of the set transformer across demonstrations")
+    freeze_encoder: bool = Field(False, description="keep the encoder at its random init, out of the optimiser")
+    num_demos: int | None = Field(None, ge=1, description="demonstrations given to the encoder (None: all)")
+    kl_weight: float = Field(1e-4, ge=0, description="weight of the KL term (variational encoders)")
+
+    @property
+    def conditioner(self) -> str:
+        return "demo_encoder"
+
+    @field_validator("encoder_type")
+    @classmethod
+    def _known_encoder(cls, v: str) -> str:
+        return _check_registered("encoder", v)
+
+    @field_validator("encoder_pooling_method")
+    @classmethod
+    def _known_pooling(cls, v: str) -> str:
+        return _check_registered("pooling", v)
+
+
+class EncoderTrainConfig(TrainConfig):
+    arch: EncoderArchConfig = Field(default_factory=EncoderArchConfig)
+    encoder_lr_scale: float = Field(1.0, gt=0, description="encoder lr = lr x encoder_lr_scale")
+    encoder_lr_warmup_steps: int | None = Field(None, ge=0, description="encoder warmup (None: lr_warmup_steps)")

@@ -1,0 +1,54 @@
+import pytest
+
+from trm.cli import compose, normalise_overrides
+from trm.config import ConfigError, TrainConfig, plan_run
+
+
+def test_e0v2_is_the_plans_setting():
+    cfg, raw = compose("cfg_pretrain", ["experiment=E0v2"])
+    assert (cfg.data.num_train_groups, cfg.data.num_eval_groups) == (32, 32)
+    assert (cfg.global_batch_size, cfg.epochs, cfg.eval_interval) == (256, 100000, 10000)
+    assert cfg.data.split == "trm" and cfg.arch.hidden_size == 512 and cfg.lr == 1e-4
+    assert raw["experiment"] == "E0v2" and raw["run_name"].startswith("E0v2-")
+
+
+def test_the_plans_command_line_spellings_compose():
+    cfg, raw = compose("cfg_pretrain", ["+experiment=E0v2", "lr=3e-5", "grad_clip_norm=1.0", "+run_name=E0v2"])
+    assert cfg.lr == 3e-5 and cfg.grad_clip_norm == 1.0 and cfg.run_name == "E0v2"
+    cfg, _ = compose("cfg_pretrain", ["experiment=E0v2", "run_name=x", "run_dir=/tmp/somewhere"])
+    assert cfg.run_name == "x" and cfg.run_dir == "/tmp/somewhere"
+    assert normalise_overrides(["+experiment=E1", "preset=cpu", "run_name=a", "+run_name=b", "++lr=1"]) == [
+        "experiment=E1", "preset=cpu", "+run_name=a", "+run_name=b", "++lr=1"]
+
+
+def test_cpu_preset_shrinks_sizes_but_keeps_the_experiments_changes():
+    cfg, _ = compose("cfg_pretrain", ["experiment=E0v2", "preset=cpu", "lr=3e-5"])
+    assert cfg.data.max_grid_size == 10 and cfg.arch.hidden_size <= 256 and cfg.global_batch_size < 256
+    assert cfg.lr == 3e-5  # the experiment's lr stays; the preset scales every lr by lr_scale
+    assert cfg.lr_scale > 1
+
+
+def test_unknown_key_fails_naming_it():
+    with pytest.raises(ConfigError, match=r"arch\.hidden_sizee: unknown key"):
+        compose("cfg_pretrain", ["+arch.hidden_sizee=3"])
+
+
+def test_wrong_type_fails_naming_the_key():
+    with pytest.raises(ConfigError, match=r"global_batch_size: .*integer"):
+        compose("cfg_pretrain", ["global_batch_size=abc"])
+    with pytest.raises(ConfigError, match=r"arch\.forward_dtype"):
+        compose("cfg_pretrain", ["arch.forward_dtype=float8"])
+
+
+def test_encoder_keys_are_unknown_to_the_puzzle_embedding_model():
+    with pytest.raises(ConfigError, match="encoder_type: unknown key"):
+        compose("cfg_pretrain", ["+arch.encoder_type=standard"])
+
+
+def test_steps_come_from_examples_not_groups():
+    cfg = TrainConfig(global_batch_size=256, epochs=100000, eval_interval=10000)
+    plan = plan_run(cfg, examples_per_epoch=250, world_size=4)
+    assert plan.total_steps == 100000 * 250 // 256 and plan.local_batch_size == 64
+    assert plan.eval_every_steps == 10000 * 250 // 256
+    with pytest.raises(ConfigError, match="not divisible by 3 ranks"):
+        plan_run(cfg, 250, world_size=3)

@@ -1,0 +1,194 @@
+"""Every encoder x every pooling: shapes, gradient flow through real ACT training steps, freezing,
+masking of PAD cells and absent demonstrations, order invariance, the KL term."""
+
+import functools
+
+import pytest
+import torch
+
+import encoders  # noqa: F401
+from encoders.config import EncoderArchConfig, EncoderTrainConfig
+from encoders.registry import ENCODERS, POOLINGS
+from trm.config import plan_run
+from trm.model.trm import TinyRecursiveModel
+from trm.train import Optimisers, build_model, total_loss, train_step
+
+META = {"vocab_size": 12, "grid_size": 4, "seq_len": 16, "num_puzzle_identifiers": 10}
+B, D = 4, 5
+CASES = [(e, p) for e in sorted(ENCODERS) for p in sorted(POOLINGS)]
+
+
+def make_cfg(encoder, pooling, **arch):
+    arch = EncoderArchConfig(hidden_size=32, num_heads=4, L_layers=1, H_cycles=2, L_cycles=1, puzzle_emb_len=3,
+                             halt_max_steps=4, halt_exploration_prob=0.0, encoder_type=encoder,
+                             encoder_pooling_method=pooling, encoder_num_layers=1, encoder_set_layers=1, **arch)  # fmt: skip
+    return EncoderTrainConfig(arch=arch, global_batch_size=B, lr_warmup_steps=0, weight_decay=0.0, lr=1e-3)
+
+
+def make_model(cfg):
+    torch.manual_seed(0)
+    return build_model(cfg, META)
+
+
+def grid(g, n):
+    """n random demonstration tensors (B, D, 16) with a 3x3 grid (and EOS) on a 4x4 canvas."""
+    t = torch.zeros(B, D, 4, 4, dtype=torch.int32)
+    t[..., :3, :3] = torch.randint(2, 12, (B, D, 3, 3), generator=g, dtype=torch.int32)
+    t[..., 3, :3] = 1
+    t[..., :3, 3] = 1
+    return t.flatten(-2)
+
+
+def make_batch(seed=0, valid=(3, 1, 5, 2)):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.arange(D)[None, :] < torch.tensor(valid)[:, None]
+    return {
+        "inputs": torch.randint(0, 12, (B, 16), generator=g, dtype=torch.int32),
+        "labels": torch.randint(0, 12, (B, 16), generator=g),
+        "puzzle_identifiers": torch.arange(1, B + 1, dtype=torch.int32),
+        "task_ids": torch.arange(B, dtype=torch.int32),
+        "demo_inputs": grid(g, D), "demo_labels": grid(g, D), "demo_mask": mask,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("encoder,pooling", CASES)
+def test_context_shape_and_finite_with_one_demonstration(encoder, pooling):
+    model = make_model(make_cfg(encoder, pooling))
+    batch = make_batch(valid=(1, 1, 1, 1))
+    cond = model.conditioner(batch)
+    assert cond.context.shape == (B, 3, 32)
+    assert torch.isfinite(cond.context).all()
+    loss = cond.context.square().sum() + sum(cond.aux_losses.values())
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.conditioner.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("encoder,pooling", CASES)
+def test_every_encoder_weight_trains_on_continuing_act_steps(encoder, pooling):
+    """Two real training steps; the second runs on samples that continue from the first ACT step
+    (nothing halts before halt_max_steps), so a cached or detached context would leave the encoder
+    without gradient there. Gradients are caught as backward computes them."""
+    cfg = make_cfg(encoder, pooling)
+    model = make_model(cfg)
+    opt = Optimisers(cfg, model)
+    plan = plan_run(cfg, examples_per_epoch=100, world_size=1)
+    autocast = functools.partial(torch.autocast, "cpu", enabled=False)
+    batch = make_batch()
+    carry = model.initial_carry(batch)
+    carry, _, _ = train_step(model, carry, batch, opt, cfg, 1, plan, autocast)
+    assert not carry.halted.any()
+    grads = {}
+    for name, p in model.conditioner.named_parameters():
+        p.register_hook(functools.partial(grads.__setitem__, name))
+    carry, metrics, _ = train_step(model, carry, make_batch(seed=1), opt, cfg, 2, plan, autocast)
+    assert (carry.steps == 2).all()
+    names = [n for n, _ in model.conditioner.named_parameters()]
+    without = [n for n in names if n not in grads or not grads[n].abs().sum() > 0]
+    assert not without, f"encoder weights without gradient: {without}"
+    assert metrics["grad/encoder_norm"][0] > 0
+
+
+@pytest.mark.parametrize("encoder", sorted(ENCODERS))
+def test_frozen_encoder_stays_at_its_init_and_out_of_the_optimiser(encoder):
+    cfg = make_cfg(encoder, "mean", freeze_encoder=True)
+    model = make_model(cfg)
+    opt = Optimisers(cfg, model)
+    in_optimiser = {id(p) for g in opt.dense.param_groups for p in g["params"]}
+    assert not in_optimiser & {id(p) for p in model.conditioner.parameters()}
+    init = {n: p.detach().clone() for n, p in model.conditioner.named_parameters()}
+    core_init = [p.detach().clone() for p in model.core.parameters()]
+    plan = plan_run(cfg, examples_per_epoch=100, world_size=1)
+    autocast = functools.partial(torch.autocast, "cpu", enabled=False)
+    batch = make_batch()
+    carry = model.initial_carry(batch)
+    for step in range(1, 4):
+        carry, _, _ = train_step(model, carry, batch, opt, cfg, step, plan, autocast)
+    for n, p in model.conditioner.named_parameters():
+        assert torch.equal(p, init[n]), n
+    assert any(not torch.equal(a, b) for a, b in zip(core_init, model.core.parameters()))
+
+
+@pytest.mark.parametrize("encoder,pooling", CASES)
+def test_pad_cells_and_absent_demonstrations_do_not_change_the_context(encoder, pooling):
+    model = make_model(make_cfg(encoder, pooling)).eval()
+    batch = make_batch()
+    with torch.no_grad():
+        reference = model.conditioner(batch).context
+        # Absent demonstrations filled with arbitrary grids.
+        noisy = dict(batch)
+        g = torch.Generator().manual_seed(9)
+        absent = ~batch["demo_mask"]
+        for key in ("demo_inputs", "demo_labels"):
+            random = torch.randint(0, 12, batch[key].shape, generator=g, dtype=torch.int32)
+            noisy[key] = torch.where(absent[..., None], random, batch[key])
+        torch.testing.assert_close(model.conditioner(noisy).context, reference)
+        # PAD cells given other content: a different PAD embedding.
+        model.conditioner.embed.colour.weight[0].normal_()
+        torch.testing.assert_close(model.conditioner(batch).context, reference)
+
+
+@pytest.mark.parametrize("encoder,pooling", CASES)
+def test_demonstration_order_does_not_matter(encoder, pooling):
+    model = make_model(make_cfg(encoder, pooling)).eval()
+    batch = make_batch(valid=(5, 5, 5, 5))
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    shuffled = {**batch, **{k: batch[k][:, perm] for k in ("demo_inputs", "demo_labels", "demo_mask")}}
+    with torch.no_grad():
+        torch.testing.assert_close(model.conditioner(shuffled).context, model.conditioner(batch).context)
+
+
+def test_num_demos_keeps_the_first_valid_demonstrations():
+    model = make_model(make_cfg("standard", "mean", num_demos=2)).eval()
+    batch = make_batch(valid=(5, 1, 3, 2))
+    mask = model.conditioner.select_demos(batch["demo_mask"])
+    assert mask.sum(1).tolist() == [2, 1, 2, 2]
+    changed = dict(batch)
+    changed["demo_inputs"] = batch["demo_inputs"].clone()
+    changed["demo_inputs"][:, 2:] = 0  # beyond the first two: never seen
+    with torch.no_grad():
+        torch.testing.assert_close(model.conditioner(changed).context, model.conditioner(batch).context)
+
+
+def test_kl_term_is_the_formula_and_is_added_to_the_loss():
+    cfg = make_cfg("lpn_variational", "mean", kl_weight=0.5)
+    model = make_model(cfg).train()
+    batch = make_batch()
+    enc = model.conditioner
+    mask = batch["demo_mask"]
+    pairs = enc.encode_pairs(batch["demo_inputs"], batch["demo_labels"], mask)
+    mu, logvar = enc.mu(pairs), enc.logvar(pairs)
+    kl_pair = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(-1)
+    expected = sum(kl_pair[b][mask[b]].mean() for b in range(B))
+    cond = enc(batch)
+    torch.testing.assert_close(cond.metrics["train/kl"][0], expected)
+    torch.testing.assert_close(cond.aux_losses["kl_loss"], 0.5 * expected)
+    carry, out = model(model.initial_carry(batch), batch)
+    with_kl, _ = total_loss(out, carry)
+    out.conditioning.aux_losses.clear()
+    without, _ = total_loss(out, carry)
+    torch.testing.assert_close(with_kl - without, cond.aux_losses["kl_loss"].double().to(with_kl.dtype), rtol=1e-4, atol=1e-4)
+
+
+def test_variational_encoder_samples_in_training_and_takes_the_mean_in_evaluation():
+    model = make_model(make_cfg("lpn_variational", "mean"))
+    batch = make_batch()
+    enc = model.conditioner
+    with torch.no_grad():
+        enc.train()
+        a, b = enc(batch).context, enc(batch).context
+        enc.eval()
+        c, d = enc(batch).context, enc(batch).context
+    assert not torch.allclose(a, b) and torch.equal(c, d)
+
+
+def test_unknown_encoder_or_pooling_lists_the_valid_names():
+    with pytest.raises(ValueError, match="lpn_standard, lpn_variational, standard"):
+        EncoderArchConfig(encoder_type="transformer")
+    with pytest.raises(ValueError, match="attention, cls, mean"):
+        EncoderArchConfig(encoder_pooling_method="max")
+
+
+def test_model_context_seam_is_the_same_core():
+    cfg = make_cfg("standard", "mean")
+    model = make_model(cfg)
+    assert isinstance(model, TinyRecursiveModel) and model.conditioner.needs_demos

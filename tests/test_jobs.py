@@ -1,0 +1,75 @@
+"""Every command line of jobs.txt composes with Hydra, validates, and builds its model."""
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import encoders  # noqa: F401
+from encoders.config import EncoderTrainConfig
+from trm.cli import compose
+from trm.config import TrainConfig
+from trm.train import build_model
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from run_jobs import parse  # noqa: E402
+
+ENTRIES = {"pretrain.py": ("cfg_pretrain", TrainConfig), "pretrain_encoder.py": ("cfg_pretrain_encoder", EncoderTrainConfig)}
+JOBS = [command for _, _, command in parse((ROOT / "jobs.txt").read_text())]
+SMALL = ["arch.hidden_size=32", "arch.num_heads=4", "arch.puzzle_emb_len=2"]
+PLAN = ["E0v2", "E1v2", "E_diag1", "E2_lpn", "E3_lpn_var", "E4_lower_lr", "E5_grad_clip", "E7_attention", "E6_combined"]
+
+
+def split_command(command):
+    words = shlex.split(command)
+    assert words[:3] == ["torchrun", "--nproc-per-node", "4"], command
+    script = next(w for w in words if w.endswith(".py"))
+    return script, words[words.index(script) + 1 :]
+
+
+def test_the_plans_experiments_are_queued_in_phase_order_with_distinct_names():
+    experiments = [next(a.split("=")[1] for a in split_command(c)[1] if a.startswith("experiment=")) for c in JOBS]
+    assert [e for e in experiments if e in PLAN] == PLAN
+    names = [next(a.split("=", 1)[1] for a in split_command(c)[1] if a.startswith("+run_name=")) for c in JOBS]
+    assert len(set(names)) == len(names)
+
+
+@pytest.mark.parametrize("command", JOBS)
+def test_job_composes_and_builds(command):
+    script, overrides = split_command(command)
+    config_name, schema = ENTRIES[script]
+    cfg, raw = compose(config_name, overrides + SMALL, schema)
+    assert raw["experiment"] and cfg.run_name
+    if script == "pretrain_encoder.py":
+        assert cfg.data.split == "heldout"  # the encoder never sees its evaluation tasks
+    meta = {"vocab_size": 12, "seq_len": 16, "grid_size": 4, "num_puzzle_identifiers": 8}
+    model = build_model(cfg, meta)
+    batch = {
+        "inputs": torch.randint(0, 12, (2, 16), dtype=torch.int32), "labels": torch.randint(0, 12, (2, 16)),
+        "puzzle_identifiers": torch.tensor([1, 2], dtype=torch.int32), "task_ids": torch.tensor([0, 1]),
+        "demo_inputs": torch.randint(0, 12, (2, 3, 16), dtype=torch.int32),
+        "demo_labels": torch.randint(0, 12, (2, 3, 16), dtype=torch.int32),
+        "demo_mask": torch.tensor([[True, True, False], [True, False, False]]),
+    }  # fmt: skip
+    _, out = model(model.initial_carry(batch), batch)
+    assert torch.isfinite(out.logits).all()
+
+
+def test_runner_claims_runs_and_marks_jobs(tmp_path):
+    queue = tmp_path / "jobs.txt"
+    queue.write_text("# a comment\n[ ] true\n[x] false\n[ ] false\n[ ] true\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_jobs.py"), "--file", str(queue)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 1  # one job failed
+    assert queue.read_text() == "# a comment\n[x] true\n[x] false\n[!] false\n[x] true\n"
+
+
+def test_runner_rejects_a_malformed_line(tmp_path):
+    queue = tmp_path / "jobs.txt"
+    queue.write_text("[] oops\n")
+    with pytest.raises(ValueError, match="line 1"):
+        parse(queue.read_text())

@@ -1,0 +1,1 @@
+"""TRM on ARC-AGI: data, model, training loop and evaluation."""

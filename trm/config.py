@@ -1,0 +1,180 @@
+"""Typed configuration: the schema every composed Hydra config is validated against at start-up,
+and the values derived from it (steps, per-rank batch) in one place.
+
+An unknown key, a wrong type or a value out of range fails with :class:`ConfigError`, which names
+the key, before any data is built or model created.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trm.data.build import BuildOptions
+
+
+class ConfigError(ValueError):
+    """The composed configuration does not fit the schema; the message names each key at fault."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ArchConfig(Strict):
+    """The recursive core (TRM). Names follow the published configuration."""
+
+    name: Literal["trm"] = "trm"
+    hidden_size: int = Field(512, ge=8)
+    num_heads: int = Field(8, ge=1)
+    expansion: float = Field(4.0, gt=0)
+    L_layers: int = Field(2, ge=1, description="blocks in the one shared stack")
+    H_cycles: int = Field(3, ge=1, description="outer cycles per supervision step; all but the last without gradient")
+    L_cycles: int = Field(4, ge=1, description="z_L updates per outer cycle")
+    puzzle_emb_len: int = Field(16, ge=1, description="context positions prepended to the grid")
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    mlp_t: bool = Field(False, description="replace attention by a SwiGLU over the sequence axis")
+    halt_max_steps: int = Field(16, ge=1)
+    halt_exploration_prob: float = Field(0.1, ge=0, le=1)
+    no_ACT_continue: bool = Field(True, description="halt on q_halt > 0 (true) or q_halt > q_continue")
+    forward_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @property
+    def conditioner(self) -> str:
+        """Registry name of the task conditioner (trm.model.conditioning.CONDITIONERS)."""
+        return "puzzle_embedding"
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self):
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(f"hidden_size {self.hidden_size} must split into {self.num_heads} heads of even width")
+        return self
+
+
+class DataConfig(BuildOptions):
+    """What the dataset is built from (see trm.data.build) and where it lives. ``path`` defaults to
+    ``<root>/<name derived from the options>``, so changed options give a new folder."""
+
+    root: str = "data"
+    path: str | None = None
+
+    def build_options(self) -> BuildOptions:
+        return BuildOptions(**self.model_dump(exclude={"root", "path"}))
+
+    def resolved_path(self) -> Path:
+        return Path(self.path) if self.path else Path(self.root) / self.build_options().folder_name()
+
+
+class EvalConfig(Strict):
+    batch_size: int | None = Field(None, ge=1, description="global evaluation batch (default: global_batch_size)")
+    on_train: bool = Field(True, description="also evaluate the training examples (eval/train/...)")
+    train_augmentations: int | None = Field(
+        None, ge=1, description="augmented versions per task evaluated on train (None: all)")
+    test_augmentations: int | None = Field(None, ge=1, description="augmented versions voted on test (None: all)")
+    pass_ks: list[int] = Field(default_factory=lambda: [1, 2, 5, 10, 100, 1000])
+
+
+class WandbConfig(Strict):
+    mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="auto: online when credentials exist, else offline")
+    project: str = "mmi-714-debug"
+    entity: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class TrainConfig(Strict):
+    arch: ArchConfig = Field(default_factory=ArchConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    run_name: str | None = Field(None, description="default: <experiment>[-<preset>]-<date>-<time>")
+    run_dir: str | None = Field(None, description="default: runs/<run_name>")
+    seed: int = 0
+
+    global_batch_size: int = Field(768, ge=1)
+    epochs: int = Field(100000, ge=1)
+    eval_interval: int | None = Field(10000, ge=1, description="epochs between evaluations (None: only at the end)")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps (schedules keep the full length)")
+
+    lr: float = Field(1e-4, gt=0)
+    lr_scale: float = Field(
+        1.0, gt=0, description="multiplies every learning rate; presets of other model sizes set it, so that "
+        "an experiment's own lr change (lr=3e-5) keeps its meaning relative to the default")
+    lr_min_ratio: float = Field(1.0, ge=0, le=1, description="cosine decay floor; 1.0 keeps the lr flat")
+    lr_warmup_steps: int = Field(2000, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    puzzle_emb_lr: float = Field(1e-2, ge=0)
+    puzzle_emb_weight_decay: float = Field(0.1, ge=0)
+    grad_clip_norm: float | None = Field(None, gt=0, description="global gradient norm clip (None: off)")
+
+    ema: bool = True
+    ema_rate: float = Field(0.999, gt=0, lt=1)
+
+    log_interval: int = Field(10, ge=1, description="steps between logged metrics")
+    checkpoint_every_eval: bool = True
+    resume: bool = Field(True, description="continue from run_dir's checkpoint when there is one")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = Field(False, description="torch.compile the recursive core (CUDA)")
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def validate(raw: dict[str, Any], schema: type[TrainConfig] = TrainConfig) -> TrainConfig:
+    """Validate a plain dict (a resolved Hydra config) against ``schema``."""
+    raw = {k: v for k, v in raw.items() if k not in ("hydra", "experiment", "preset")}  # names, not settings
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"invalid configuration:\n{_format_errors(e)}") from None
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Values derived from the config and the dataset, computed once."""
+
+    world_size: int
+    local_batch_size: int
+    examples_per_epoch: int
+    total_steps: int  # length of the lr schedule: epochs of examples / global batch
+    last_step: int  # where training stops (max_steps may cut it short)
+    eval_every_steps: int  # 0: evaluate only at the end
+    local_eval_batch_size: int
+
+
+def plan_run(cfg: TrainConfig, examples_per_epoch: int, world_size: int) -> RunPlan:
+    if cfg.global_batch_size % world_size:
+        raise ConfigError(f"global_batch_size {cfg.global_batch_size} is not divisible by {world_size} ranks")
+    eval_batch = cfg.eval.batch_size or cfg.global_batch_size
+    if eval_batch % world_size:
+        raise ConfigError(f"eval.batch_size {eval_batch} is not divisible by {world_size} ranks")
+    # Steps come from the examples an epoch draws (not from the number of groups).
+    total = max(1, (cfg.epochs * examples_per_epoch) // cfg.global_batch_size)
+    every = 0
+    if cfg.eval_interval is not None and cfg.eval_interval < cfg.epochs:
+        every = max(1, (cfg.eval_interval * examples_per_epoch) // cfg.global_batch_size)
+    return RunPlan(
+        world_size=world_size,
+        local_batch_size=cfg.global_batch_size // world_size,
+        examples_per_epoch=examples_per_epoch,
+        total_steps=total,
+        last_step=min(total, cfg.max_steps or total),
+        eval_every_steps=every,
+        local_eval_batch_size=eval_batch // world_size,
+    )
+

@@ -1,0 +1,1 @@
+"""ARC data: task files, grids and augmentations, the dataset builder and reader."""

@@ -1,0 +1,126 @@
+"""Reading a dataset folder: batches of examples and the epoch sampler of training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trm.data.grids import IGNORE_LABEL_ID, PAD_ID
+
+
+class ArcSplit:
+    """One split (``train`` or ``test``) of a dataset folder, memory-mapped."""
+
+    def __init__(self, dataset_dir: str | Path, split: str):
+        folder = Path(dataset_dir) / split
+        self.name = split
+        self.meta = json.loads((folder / "dataset.json").read_text())
+        self.tasks: list[str] = json.loads((Path(dataset_dir) / "build.json").read_text())["tasks"]
+        load = lambda n: np.load(folder / f"{n}.npy", mmap_mode="r")  # noqa: E731
+        self.inputs, self.labels = load("inputs"), load("labels")
+        self.demo_inputs, self.demo_labels = load("demo_inputs"), load("demo_labels")
+        self.example_demos = load("example_demos")
+        self.example_pair = np.asarray(load("example_pair"))
+        self.puzzle_identifiers = np.asarray(load("puzzle_identifiers"))
+        self.puzzle_indices = np.asarray(load("puzzle_indices"))
+        self.group_indices = np.asarray(load("group_indices"))
+        self.puzzle_task = np.asarray(load("puzzle_task"))
+        self.puzzle_dihedral = np.asarray(load("puzzle_dihedral"))
+        self.puzzle_colours = np.asarray(load("puzzle_colours"))
+        self.example_puzzle = np.repeat(np.arange(len(self.puzzle_identifiers)), np.diff(self.puzzle_indices))
+
+    @property
+    def seq_len(self) -> int:
+        return self.meta["seq_len"]
+
+    @property
+    def grid_size(self) -> int:
+        return self.meta["grid_size"]
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.example_puzzle)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_indices) - 1
+
+    @property
+    def examples_per_epoch(self) -> int:
+        """Examples an epoch draws: one puzzle per group, all puzzles of a group being the same size."""
+        first = self.group_indices[:-1]
+        return int((self.puzzle_indices[first + 1] - self.puzzle_indices[first]).sum())
+
+    def example_task(self, idx: np.ndarray) -> np.ndarray:
+        return self.puzzle_task[self.example_puzzle[idx]]
+
+    def batch(self, idx: np.ndarray, with_demos: bool) -> dict[str, torch.Tensor]:
+        """Tensors of examples ``idx`` (B,):
+
+        inputs (B, L) int32 tokens; labels (B, L) int64, PAD cells set to -100 (ignored);
+        puzzle_identifiers (B,) int32; task_ids (B,) int32 (the task, shared by its augmentations);
+        with demos: demo_inputs, demo_labels (B, D, L) int32 tokens and demo_mask (B, D) bool.
+        """
+        idx = np.asarray(idx)
+        labels = torch.from_numpy(self.labels[idx].astype(np.int64))
+        batch = {
+            "inputs": torch.from_numpy(self.inputs[idx].astype(np.int32)),
+            "labels": labels.masked_fill_(labels == PAD_ID, IGNORE_LABEL_ID),
+            "puzzle_identifiers": torch.from_numpy(self.puzzle_identifiers[self.example_puzzle[idx]]),
+            "task_ids": torch.from_numpy(self.example_task(idx)),
+        }
+        if with_demos:
+            rows = self.example_demos[idx]  # (B, D), -1 where absent
+            mask = rows >= 0
+            safe = np.where(mask, rows, 0)
+            demo_in = np.where(mask[..., None], self.demo_inputs[safe], PAD_ID)
+            demo_out = np.where(mask[..., None], self.demo_labels[safe], PAD_ID)
+            batch["demo_inputs"] = torch.from_numpy(demo_in.astype(np.int32))
+            batch["demo_labels"] = torch.from_numpy(demo_out.astype(np.int32))
+            batch["demo_mask"] = torch.from_numpy(mask)
+        return batch
+
+
+class EpochSampler:
+    """The training stream: each epoch shuffles the groups, draws one puzzle (augmented version)
+    per group and emits all its examples; epochs follow each other without a gap and are cut into
+    global batches. Deterministic for a seed; its position is saved in checkpoints."""
+
+    def __init__(self, split: ArcSplit, global_batch_size: int, seed: int):
+        self.split, self.global_batch_size, self.seed = split, global_batch_size, seed
+        self.epoch, self.offset = 0, 0
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        s = self.split
+        groups = rng.permutation(s.num_groups)
+        first, last = s.group_indices[groups], s.group_indices[groups + 1]
+        puzzles = first + (rng.random(len(groups)) * (last - first)).astype(np.int64)
+        starts, lengths = s.puzzle_indices[puzzles], np.diff(s.puzzle_indices)[puzzles]
+        # Concatenated ranges [start, start + length) without a Python loop.
+        run_offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return np.repeat(starts, lengths) + np.arange(lengths.sum()) - run_offsets
+
+    def next_indices(self) -> np.ndarray:
+        """The next global batch, (global_batch_size,) example indices."""
+        parts, need = [], self.global_batch_size
+        while need:
+            take = self._order[self.offset : self.offset + need]
+            parts.append(take)
+            need -= len(take)
+            self.offset += len(take)
+            if self.offset == len(self._order):
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._order = self._epoch_order(self.epoch)
+        return np.concatenate(parts)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.offset = state["epoch"], state["offset"]
+        self._order = self._epoch_order(self.epoch)

@@ -1,0 +1,40 @@
+"""Exponential moving average of the trainable weights, used for evaluation and saved in checkpoints."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """shadow <- rate * shadow + (1 - rate) * param after every optimiser step."""
+
+    def __init__(self, model: nn.Module, rate: float):
+        self.rate = rate
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - self.rate)
+
+    @contextmanager
+    def applied(self):
+        """Swap the averaged weights into the model for the duration of the block."""
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.shadow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, backup)
+
+    def state_dict(self) -> dict:
+        return {"rate": self.rate, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self.shadow, state["shadow"])

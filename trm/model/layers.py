@@ -1,0 +1,123 @@
+"""Building blocks shared by the recursive core and the demo encoders."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    """Normal truncated at two standard deviations, rescaled so that the *truncated* distribution
+    has standard deviation ``std`` (plain truncation would shrink it by about 12 %)."""
+    base = 0.8796256610342398  # std of a unit normal truncated to [-2, 2]
+    s = std / base
+    return nn.init.trunc_normal_(tensor, std=s, a=-2 * s, b=2 * s)
+
+
+def linear(in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
+    """nn.Linear with LeCun (fan-in) truncated-normal weights and zero bias."""
+    layer = nn.Linear(in_features, out_features, bias=bias)
+    trunc_normal_(layer.weight, 1.0 / math.sqrt(in_features))
+    if bias:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+def rms_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """RMSNorm without a learnable weight, computed in float32, returned in x's dtype."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def swiglu_width(hidden: int, expansion: float) -> int:
+    """Intermediate width of a SwiGLU: 2/3 of ``expansion * hidden``, rounded up to 256."""
+    return -(-round(expansion * hidden * 2 / 3) // 256) * 256
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, expansion: float):
+        super().__init__()
+        inter = swiglu_width(hidden, expansion)
+        self.gate_up = linear(hidden, 2 * inter)
+        self.down = linear(inter, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding tables for positions 0..max_len-1. cos/sin: (max_len, head_dim)."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, heads, T, head_dim); cos, sin: (T, head_dim)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype))
+
+
+class Attention(nn.Module):
+    """Non-causal multi-head self-attention, optionally with rotary positions and a key mask."""
+
+    def __init__(self, hidden: int, num_heads: int):
+        super().__init__()
+        if hidden % num_heads:
+            raise ValueError(f"hidden size {hidden} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = linear(hidden, 3 * hidden)
+        self.out = linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor, rotary: Rotary | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, hidden); key_mask: (B, T) bool, True where a key may be attended."""
+        B, T, H = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4)
+        if rotary is not None:
+            cos, sin = rotary.cos[:T], rotary.sin[:T]
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(B, T, H))
+
+
+class SequenceMLP(nn.Module):
+    """TRM's ``mlp_t`` token mixer: a SwiGLU applied along the sequence axis instead of attention."""
+
+    def __init__(self, seq_len: int, expansion: float):
+        super().__init__()
+        self.mlp = SwiGLU(seq_len, expansion)
+
+    def forward(self, x: torch.Tensor, rotary: Rotary | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.mlp(x.transpose(1, 2)).transpose(1, 2)
+
+
+class Block(nn.Module):
+    """Token mixer (attention, or a sequence MLP) then SwiGLU, each in a residual branch.
+
+    ``post_norm`` (TRM): x = norm(x + f(x)). Otherwise pre-norm: x = x + f(norm(x)).
+    """
+
+    def __init__(self, hidden: int, num_heads: int, expansion: float, post_norm: bool = True,
+                 eps: float = 1e-5, seq_mlp_len: int | None = None):
+        super().__init__()
+        self.mixer = SequenceMLP(seq_mlp_len, expansion) if seq_mlp_len else Attention(hidden, num_heads)
+        self.mlp = SwiGLU(hidden, expansion)
+        self.post_norm, self.eps = post_norm, eps
+
+    def forward(self, x: torch.Tensor, rotary: Rotary | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.post_norm:
+            x = rms_norm(x + self.mixer(x, rotary, key_mask), self.eps)
+            return rms_norm(x + self.mlp(x), self.eps)
+        x = x + self.mixer(rms_norm(x, self.eps), rotary, key_mask)
+        return x + self.mlp(rms_norm(x, self.eps))

@@ -1,0 +1,337 @@
+"""The training loop behind ``pretrain.py`` and ``pretrain_encoder.py``.
+
+One call of :func:`train` builds (or finds) the dataset, the model with its conditioner, the
+optimisers and the run directory, then loops: draw a global batch, run one ACT supervision step,
+reduce gradients across ranks, clip, step the optimisers, update the EMA; log every
+``log_interval`` steps; evaluate (with the EMA weights) and checkpoint every ``eval_interval``
+epochs and at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from trm import checkpoint
+from trm.config import ConfigError, RunPlan, TrainConfig, plan_run
+from trm.data.build import ensure_dataset
+from trm.data.dataset import ArcSplit, EpochSampler
+from trm.distributed import DistEnv, all_reduce_sum_, barrier, broadcast_object, setup, teardown
+from trm.ema import EMA
+from trm.evaluate import evaluate_split, select_examples
+from trm.logger import RunLogger
+from trm.losses import act_loss
+from trm.model.conditioning import CONDITIONERS, PuzzleEmbedding
+from trm.model.trm import Carry, TinyRecursiveModel
+from trm.optim import AdamATan2, SparseSignSGD, lr_at
+
+# Metrics summed over slots and divided by the number of halted samples when logged.
+PER_HALTED = ("accuracy", "exact_accuracy", "q_halt_accuracy", "steps")
+
+
+def build_model(cfg: TrainConfig, metadata: dict) -> TinyRecursiveModel:
+    arch = cfg.arch
+    conditioner = CONDITIONERS.get_valid(arch.conditioner)(arch, metadata)
+    return TinyRecursiveModel(arch, conditioner, metadata["vocab_size"], metadata["seq_len"])
+
+
+class Optimisers:
+    """AdamATan2 on the dense weights: the core, and the conditioner's own (encoders) in a group
+    with ``encoder_lr_scale`` and ``encoder_lr_warmup_steps`` where the config has them; for a
+    puzzle-embedding conditioner, sparse sign-SGD on its table. Frozen weights are left out."""
+
+    def __init__(self, cfg: TrainConfig, model: TinyRecursiveModel):
+        self.cfg = cfg
+        self.core_params = [p for p in model.core.parameters() if p.requires_grad]
+        self.cond_params = [p for p in model.conditioner.parameters() if p.requires_grad]
+        groups = [{"params": self.core_params, "name": "lr", "lr_scale": 1.0, "warmup": cfg.lr_warmup_steps}]
+        if self.cond_params:
+            warmup = getattr(cfg, "encoder_lr_warmup_steps", None)
+            groups.append({"params": self.cond_params, "name": "encoder_lr",
+                           "lr_scale": getattr(cfg, "encoder_lr_scale", 1.0),
+                           "warmup": cfg.lr_warmup_steps if warmup is None else warmup})  # fmt: skip
+        self.dense = AdamATan2(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        self.sparse = None
+        if isinstance(model.conditioner, PuzzleEmbedding):
+            self.sparse = SparseSignSGD(model.conditioner, cfg.puzzle_emb_lr, cfg.puzzle_emb_weight_decay)
+
+    def set_lr(self, step: int, total: int) -> dict[str, float]:
+        """Set every group's lr for ``step``; returns them as train/<group> metrics."""
+        c, lrs = self.cfg, {}
+        for g in self.dense.param_groups:
+            g["lr"] = lr_at(step, c.lr * c.lr_scale * g["lr_scale"], g["warmup"], total, c.lr_min_ratio)
+            lrs[f"train/{g['name']}"] = g["lr"]
+        if self.sparse is not None:
+            self.sparse.lr = lr_at(step, c.puzzle_emb_lr * c.lr_scale, c.lr_warmup_steps, total, c.lr_min_ratio)
+            lrs["train/puzzle_emb_lr"] = self.sparse.lr
+        return lrs
+
+    def state_dict(self) -> dict:
+        return {"dense": self.dense.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dense.load_state_dict(state["dense"])
+
+
+def _norm(tensors: list[torch.Tensor], device) -> torch.Tensor:
+    if not tensors:
+        return torch.zeros((), device=device)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)).float())
+
+
+def context_diagnostics(context: torch.Tensor, task_ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Statistics of the task context the core receives, as (sum, count) pairs over the batch.
+
+    encoder/output_norm: mean per-token L2 norm. encoder/cross_puzzle_cosine: mean cosine similarity
+    between the flattened contexts of samples of different tasks (near 1: every task gets the same
+    context, a collapse; scale-free, so encoders of any output scale compare). encoder/cross_sample_std:
+    standard deviation over the batch, averaged over features.
+    context: (B, P, hidden); task_ids: (B,).
+    """
+    context = context.detach().float()
+    B = context.shape[0]
+    flat = torch.nn.functional.normalize(context.flatten(1), dim=-1)
+    different = task_ids[:, None] != task_ids[None, :]
+    cosine = (flat @ flat.T) * different  # a product, not a boolean index: no synchronisation
+    spread = context.flatten(1).std(dim=0, unbiased=False).mean() if B > 1 else context.new_zeros(())
+    n = torch.tensor(float(B), device=context.device)
+    return {
+        "encoder/output_norm": (context.norm(dim=-1).mean() * n, n),
+        "encoder/cross_puzzle_cosine": (cosine.sum(), different.sum().float()),
+        "encoder/cross_sample_std": (spread * n, n),
+    }
+
+
+def total_loss(out, carry: Carry) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ACT loss of the step plus the conditioner's auxiliary losses (e.g. the weighted KL), summed
+    over the local batch; and the metric sums of :func:`trm.losses.act_loss`."""
+    loss, sums = act_loss(out.logits, out.q_halt, out.q_continue, carry.data["labels"], carry.halted,
+                          carry.steps, out.target_q_continue)  # fmt: skip
+    for aux in out.conditioning.aux_losses.values():
+        loss = loss + aux
+    return loss, sums
+
+
+def train_step(model, carry: Carry, batch, opt: Optimisers, cfg: TrainConfig, step: int, plan: RunPlan, autocast):
+    """One supervision step for every slot. Returns the new carry, the step's metrics as
+    (sum, count) pairs over the local batch, and the learning rates. No host-device synchronisation."""
+    with autocast():
+        carry, out = model(carry, batch)
+        loss, sums = total_loss(out, carry)
+    (loss / cfg.global_batch_size).backward()
+
+    # Gradients: summed over ranks first, so norms and clipping see the global gradient.
+    core_grads = [p.grad for p in opt.core_params if p.grad is not None]
+    cond_grads = [p.grad for p in opt.cond_params if p.grad is not None]
+    all_reduce_sum_(core_grads + cond_grads)
+    sparse_grad = opt.sparse.gathered_grad() if opt.sparse is not None else None
+    device = carry.steps.device
+    trm_norm = _norm(core_grads, device)
+    enc_norm = _norm(cond_grads + ([sparse_grad[1]] if sparse_grad is not None else []), device)
+    total_norm = torch.sqrt(trm_norm**2 + enc_norm**2)
+    if cfg.grad_clip_norm is not None:
+        torch._foreach_mul_(core_grads + cond_grads, (cfg.grad_clip_norm / (total_norm + 1e-6)).clamp(max=1.0))
+
+    lrs = opt.set_lr(step, plan.total_steps)
+    opt.dense.step()
+    opt.dense.zero_grad(set_to_none=True)
+    if opt.sparse is not None:
+        opt.sparse.step(sparse_grad)
+
+    samples = torch.tensor(float(carry.halted.numel()), device=device)
+    one = torch.ones((), device=device)
+    count = sums.pop("count")
+    metrics = {f"train/{k}": (v, count if k in PER_HALTED else samples) for k, v in sums.items()}
+    metrics.update({f"train/{k}": (v.detach(), samples) for k, v in out.conditioning.aux_losses.items()})
+    metrics.update(out.conditioning.metrics)
+    metrics.update(context_diagnostics(out.conditioning.context, carry.data["task_ids"]))
+    metrics.update({"grad/total_norm": (total_norm, one), "grad/trm_norm": (trm_norm, one),
+                    "grad/encoder_norm": (enc_norm, one)})  # fmt: skip
+    return carry, metrics, lrs
+
+
+class MetricWindow:
+    """Accumulates (sum, count) metric pairs on the device between two logging steps, with no
+    synchronisation; :meth:`reduce` sums them over steps and ranks and divides."""
+
+    def __init__(self):
+        self.pairs: dict[str, torch.Tensor] = {}
+        self.steps, self.start = 0, time.perf_counter()
+
+    def add(self, metrics: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for k, (num, den) in metrics.items():
+            pair = torch.stack([num.detach().double(), den.detach().double()])
+            self.pairs[k] = self.pairs[k] + pair if k in self.pairs else pair
+        self.steps += 1
+
+    def reduce(self, global_batch: int) -> dict[str, float]:
+        keys = sorted(self.pairs)
+        stacked = torch.stack([self.pairs[k] for k in keys])
+        all_reduce_sum_([stacked])
+        # A metric without samples in the window (no slot halted) is left out, not logged as 0.
+        out = {k: num / den for k, (num, den) in zip(keys, stacked.tolist()) if den > 0}
+        elapsed = time.perf_counter() - self.start
+        out["timing/samples_per_sec"] = global_batch * self.steps / elapsed
+        out["timing/step_ms"] = 1000 * elapsed / self.steps
+        self.__init__()
+        return out
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return batch
+
+
+def _forward_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    name = cfg.arch.forward_dtype
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" else "float32"
+    return getattr(torch, name)
+
+
+def _prepare_run_dir(cfg: TrainConfig, raw_config: dict, env: DistEnv) -> tuple[Path, Path | None]:
+    """The run directory and the checkpoint to resume from. A directory that holds another run's
+    files and no checkpoint to resume is refused rather than overwritten."""
+    run_name = broadcast_object(cfg.run_name or f"run-{datetime.now():%Y%m%d-%H%M%S}")
+    run_dir = Path(cfg.run_dir or Path("runs") / run_name)
+    resume_from = checkpoint.latest(run_dir / "checkpoints") if cfg.resume else None
+    if resume_from is None and run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(
+            f"run directory {run_dir} already holds files and no checkpoint to resume from"
+            f"{'' if cfg.resume else ' (resume=false)'}: pick another +run_name=... or run_dir=..., or delete it"
+        )
+    if resume_from is not None:
+        stored = yaml.safe_load((run_dir / "config.yaml").read_text())
+        for key in ("arch", "data"):
+            if stored.get(key) != raw_config.get(key):
+                raise ConfigError(f"cannot resume {run_dir}: its '{key}' config differs from this one")
+    barrier()
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(raw_config, sort_keys=False))
+    return run_dir, resume_from
+
+
+def train(cfg: TrainConfig, raw_config: dict) -> dict[str, float]:
+    """Run one training job; returns the summary (also written to ``<run_dir>/summary.json``)."""
+    env = setup(cfg.device)
+    try:
+        return _train(cfg, raw_config, env)
+    finally:
+        teardown()
+
+
+def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv) -> dict[str, float]:
+    run_dir, resume_from = _prepare_run_dir(cfg, raw_config, env)
+    data_dir = cfg.data.resolved_path()
+    if env.is_main:
+        ensure_dataset(cfg.data.build_options(), data_dir)
+    barrier()
+    train_split, test_split = ArcSplit(data_dir, "train"), ArcSplit(data_dir, "test")
+    plan = plan_run(cfg, train_split.examples_per_epoch, env.world_size)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(cfg, train_split.meta).to(env.device)
+    opt = Optimisers(cfg, model)
+    ema = EMA(model, cfg.ema_rate) if cfg.ema else None
+    sampler = EpochSampler(train_split, cfg.global_batch_size, cfg.seed)
+    torch.manual_seed(cfg.seed * 7919 + env.rank + 1)  # per-rank randomness (halting exploration)
+    needs_demos = model.conditioner.needs_demos
+    step, carry = 0, None
+
+    if resume_from is not None:
+        shared, own = checkpoint.load(resume_from, env)
+        model.load_state_dict(shared["model"])
+        opt.load_state_dict(shared["optimisers"])
+        if ema is not None:
+            ema.load_state_dict(shared["ema"])
+        sampler.load_state_dict(shared["sampler"])
+        step = shared["step"]
+        if own is not None:
+            checkpoint.set_rng_state(own["rng"])
+            carry = Carry(**own["carry"]) if own["carry"] is not None else None
+
+    core = model.core
+    if cfg.compile:
+        core.compile()
+    dtype = _forward_dtype(cfg, env.device)
+    autocast = functools.partial(torch.autocast, env.device.type, dtype=dtype, enabled=dtype != torch.float32)
+    logger = RunLogger(run_dir, run_dir.name, raw_config, cfg.wandb, enabled=env.is_main)
+    n_params = sum(p.numel() for p in model.parameters())
+    if env.is_main:
+        print(
+            f"run {run_dir} | {env.world_size} x {env.device.type} | {n_params:,} parameters | "
+            f"{train_split.num_examples} train examples ({plan.examples_per_epoch}/epoch), "
+            f"{test_split.num_examples} test | {plan.total_steps} steps"
+            + (f" (stopping at {plan.last_step})" if plan.last_step < plan.total_steps else "")
+            + (f" | resumed at step {step}" if step else "")
+        )
+
+    def save():
+        shared = {"model": model.state_dict(), "optimisers": opt.state_dict(), "ema": ema and ema.state_dict(),
+                  "sampler": sampler.state_dict(), "step": step, "config": raw_config}  # fmt: skip
+        own = {"carry": carry and carry.state_dict(), "rng": checkpoint.rng_state()}
+        checkpoint.save(run_dir / "checkpoints", step, shared, own, env)
+
+    def evaluate() -> dict[str, float]:
+        kwargs = dict(local_batch_size=plan.local_eval_batch_size, device=env.device, autocast=autocast,
+                      with_demos=needs_demos, ks=cfg.eval.pass_ks)  # fmt: skip
+        metrics = {}
+        with ema.applied() if ema is not None else contextlib.nullcontext():
+            if cfg.eval.on_train:
+                idx = select_examples(train_split, cfg.eval.train_augmentations)
+                metrics.update(evaluate_split(model, train_split, idx, vote=False, prefix="train", **kwargs))
+            if test_split.num_examples:
+                idx = select_examples(test_split, cfg.eval.test_augmentations)
+                metrics.update(evaluate_split(model, test_split, idx, vote=True, prefix="test", **kwargs))
+        return metrics
+
+    window, last_train, last_eval = MetricWindow(), {}, {}
+    start, start_step = time.perf_counter(), step
+    bar = tqdm(total=plan.last_step, initial=step, disable=not env.is_main, unit="step", dynamic_ncols=True)
+    model.train()
+    while step < plan.last_step:
+        rows = slice(env.rank * plan.local_batch_size, (env.rank + 1) * plan.local_batch_size)
+        batch = _to_device(train_split.batch(sampler.next_indices()[rows], needs_demos), env.device)
+        if carry is None:
+            carry = model.initial_carry(batch)
+        step += 1
+        carry, metrics, lrs = train_step(model, carry, batch, opt, cfg, step, plan, autocast)
+        if ema is not None:
+            ema.update()
+        window.add(metrics)
+        bar.update(1)
+
+        if step % cfg.log_interval == 0 or step == plan.last_step:
+            last_train = {**window.reduce(cfg.global_batch_size), **lrs}
+            logger.log(last_train, step)
+            shown = {"loss": "train/lm_loss", "acc": "train/accuracy", "exact": "train/exact_accuracy",
+                     "sps": "timing/samples_per_sec"}  # fmt: skip
+            bar.set_postfix({k: f"{last_train[m]:.3g}" for k, m in shown.items() if m in last_train})
+        if (plan.eval_every_steps and step % plan.eval_every_steps == 0) or step == plan.last_step:
+            last_eval = evaluate()
+            logger.log(last_eval, step)
+            if env.is_main:
+                bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
+            if cfg.checkpoint_every_eval or step == plan.last_step:
+                save()
+    bar.close()
+
+    elapsed = time.perf_counter() - start
+    summary = {
+        **last_train, **last_eval, "step": step, "total_steps": plan.total_steps, "parameters": n_params,
+        "time/train_seconds": elapsed, "time/steps_per_sec": (step - start_step) / max(elapsed, 1e-9),
+    }  # fmt: skip
+    logger.finish(summary)
+    if env.is_main:
+        print(json.dumps({k: summary[k] for k in summary if k.startswith(("eval/", "ARC/"))}, indent=2))
+    return summary
