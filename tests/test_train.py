@@ -65,6 +65,15 @@ def test_resume_continues_exactly(tiny_dataset, tmp_path):
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
 
 
+def test_wandb_offline_never_prompts_and_writes_beside_the_run(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    run(tiny_dataset, tmp_path / "r", "wandb.mode=auto", "max_steps=2")
+    assert list((tmp_path / "r" / "wandb").glob("offline-run-*"))
+    assert (tmp_path / "r" / "wandb_id.txt").read_text().strip()
+
+
 def test_a_directory_holding_another_run_is_not_overwritten(tiny_dataset, tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "metrics.jsonl").write_text("{}\n")

@@ -8,6 +8,7 @@ import json
 import math
 import netrc
 import os
+import uuid
 from pathlib import Path
 
 from trm.config import WandbConfig
@@ -48,7 +49,7 @@ class RunLogger:
         # A stable id per run directory, so a resumed run continues the same wandb run.
         id_file = self.run_dir / "wandb_id.txt"
         if not id_file.exists():
-            id_file.write_text(wandb.util.generate_id())
+            id_file.write_text(uuid.uuid4().hex[:12])
         kwargs = dict(
             project=cfg.project, entity=cfg.entity, name=run_name, tags=cfg.tags, config=config,
             dir=str(self.run_dir), id=id_file.read_text().strip(), resume="allow",

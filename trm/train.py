@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from trm import checkpoint
 from trm.config import ConfigError, RunPlan, TrainConfig, plan_run
-from trm.data.build import ensure_dataset
+from trm.data.build import ensure_dataset, wait_for_dataset
 from trm.data.dataset import ArcSplit, EpochSampler
 from trm.distributed import DistEnv, all_reduce_sum_, barrier, broadcast_object, setup, teardown
 from trm.ema import EMA
@@ -223,19 +224,22 @@ def _prepare_run_dir(cfg: TrainConfig, raw_config: dict, env: DistEnv) -> tuple[
 
 def train(cfg: TrainConfig, raw_config: dict) -> dict[str, float]:
     """Run one training job; returns the summary (also written to ``<run_dir>/summary.json``)."""
+    # The dataset is built before the process group exists: a first build of the full data can
+    # outlast a collective's timeout. Other ranks wait for rank 0's folder to appear.
+    data_dir = cfg.data.resolved_path()
+    if int(os.environ.get("RANK", "0")) == 0:
+        ensure_dataset(cfg.data.build_options(), data_dir)
+    else:
+        wait_for_dataset(data_dir)
     env = setup(cfg.device)
     try:
-        return _train(cfg, raw_config, env)
+        return _train(cfg, raw_config, env, data_dir)
     finally:
         teardown()
 
 
-def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv) -> dict[str, float]:
+def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> dict[str, float]:
     run_dir, resume_from = _prepare_run_dir(cfg, raw_config, env)
-    data_dir = cfg.data.resolved_path()
-    if env.is_main:
-        ensure_dataset(cfg.data.build_options(), data_dir)
-    barrier()
     train_split, test_split = ArcSplit(data_dir, "train"), ArcSplit(data_dir, "test")
     plan = plan_run(cfg, train_split.examples_per_epoch, env.world_size)
 
@@ -260,9 +264,8 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv) -> dict[str, float]
             checkpoint.set_rng_state(own["rng"])
             carry = Carry(**own["carry"]) if own["carry"] is not None else None
 
-    core = model.core
     if cfg.compile:
-        core.compile()
+        model.core.compile()
     dtype = _forward_dtype(cfg, env.device)
     autocast = functools.partial(torch.autocast, env.device.type, dtype=dtype, enabled=dtype != torch.float32)
     logger = RunLogger(run_dir, run_dir.name, raw_config, cfg.wandb, enabled=env.is_main)
@@ -318,7 +321,9 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv) -> dict[str, float]
                      "sps": "timing/samples_per_sec"}  # fmt: skip
             bar.set_postfix({k: f"{last_train[m]:.3g}" for k, m in shown.items() if m in last_train})
         if (plan.eval_every_steps and step % plan.eval_every_steps == 0) or step == plan.last_step:
+            eval_start = time.perf_counter()
             last_eval = evaluate()
+            window.start += time.perf_counter() - eval_start  # throughput counts training time only
             logger.log(last_eval, step)
             if env.is_main:
                 bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))

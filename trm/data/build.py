@@ -37,6 +37,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import zlib
 from pathlib import Path
 from typing import Literal
@@ -291,6 +292,16 @@ def ensure_dataset(options: BuildOptions, path: str | Path, log=print) -> Path:
         if stored["options"] != options.model_dump():
             diff = {k: (v, options.model_dump()[k]) for k, v in stored["options"].items() if options.model_dump().get(k) != v}
             raise ArcDataError(f"{path} was built with other options (stored, requested): {diff}")
+    return path
+
+
+def wait_for_dataset(path: str | Path, timeout_s: float = 6 * 3600, poll_s: float = 2.0) -> Path:
+    """Wait until another process (rank 0) has finished building the dataset at ``path``."""
+    path, start = Path(path), time.monotonic()
+    while not (path / "build.json").is_file():
+        if time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"no dataset appeared at {path} after {timeout_s:.0f} s")
+        time.sleep(poll_s)
     return path
 
 
