@@ -1,8 +1,12 @@
+import contextlib
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+import torch
 
-from trm.evaluate import Prediction, grid_key, pass_at_k, select_examples
 from trm.data.dataset import ArcSplit
+from trm.evaluate import Prediction, evaluate_split, grid_key, pass_at_k, select_examples
 
 A = grid_key(np.array([[1]], np.uint8))
 B = grid_key(np.array([[2]], np.uint8))
@@ -49,3 +53,33 @@ def test_select_examples_keeps_the_first_versions_of_every_group(tiny_dataset):
     idx = select_examples(split, 1)
     puzzles = set(split.example_puzzle[idx])
     assert puzzles == set(split.group_indices[:-1])
+
+
+class _ScriptedModel(torch.nn.Module):
+    """Right at step 1 (and confident: q_halt > 0), wrong at every later step."""
+
+    class arch:
+        halt_max_steps = 3
+
+    def initial_carry(self, batch):
+        return 0
+
+    def conditioner(self, batch):
+        return None
+
+    def forward(self, step, batch, conditioning):
+        labels = batch["labels"].clamp_min(0)
+        target = labels if step == 0 else (labels + 1) % 12
+        logits = torch.nn.functional.one_hot(target, 12).float()
+        q_halt = torch.full((labels.shape[0],), 1.0 if step == 0 else -1.0)
+        return step + 1, SimpleNamespace(logits=logits, q_halt=q_halt)
+
+
+def test_exact_accuracy_after_all_steps_and_at_the_q_halt_step(tiny_dataset):
+    split = ArcSplit(tiny_dataset[0], "train")
+    idx = np.arange(split.num_examples)
+    m = evaluate_split(_ScriptedModel(), split, idx, local_batch_size=5, device=torch.device("cpu"),
+                       autocast=contextlib.nullcontext, with_demos=False, vote=False, ks=[1], prefix="train")  # fmt: skip
+    assert m["eval/train/exact_accuracy"] == 0.0  # the last step is wrong
+    assert m["eval/train/exact_accuracy_at_halt"] == 1.0  # the halting step was right
+    assert m["eval/train/examples"] == split.num_examples  # padded rows of the last batch dropped

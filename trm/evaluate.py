@@ -92,12 +92,14 @@ def evaluate_split(model, split: ArcSplit, indices: np.ndarray, local_batch_size
                    autocast, with_demos: bool, vote: bool, ks: list[int], prefix: str) -> dict[str, float]:
     """Evaluate ``indices`` of ``split``, sharded across ranks; returns metrics on every rank.
 
-    eval/<prefix>/accuracy: mean token accuracy; eval/<prefix>/exact_accuracy: fraction of examples
-    entirely right; eval/<prefix>/examples; and with ``vote``: ARC/pass@k.
+    eval/<prefix>/accuracy: mean token accuracy and eval/<prefix>/exact_accuracy: fraction of examples
+    entirely right, both after all halt_max_steps; eval/<prefix>/exact_accuracy_at_halt: the same
+    for the prediction of the first step whose q_halt > 0 (the last step if none), as ACT would
+    stop; eval/<prefix>/examples; and with ``vote``: ARC/pass@k (on the full-step predictions).
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shard = np.array_split(indices, world)[rank]
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # token accuracy, exact, count
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # token accuracy, exact, exact at halt, count
     records: list[Prediction] = []
     was_training = model.training
     model.eval()
@@ -109,14 +111,22 @@ def evaluate_split(model, split: ArcSplit, indices: np.ndarray, local_batch_size
         with autocast():
             carry = model.initial_carry(batch)
             conditioning = model.conditioner(batch)
+            # Also keep the prediction of the first step whose q_halt > 0, where ACT would stop.
+            halted = torch.zeros(len(padded), dtype=torch.bool, device=device)
+            at_halt = None
             for _ in range(model.arch.halt_max_steps):
                 carry, out = model(carry, batch, conditioning)
+                preds = out.logits.argmax(-1)
+                at_halt = preds if at_halt is None else torch.where(halted[:, None], at_halt, preds)
+                halted |= out.q_halt > 0
         n = len(idx)
-        preds, labels = out.logits[:n].argmax(-1), batch["labels"][:n]
+        preds, at_halt, labels = preds[:n], at_halt[:n], batch["labels"][:n]
         mask = labels != -100
         correct = (mask & (preds == labels)).sum(-1)
         counts = mask.sum(-1)
-        sums += torch.stack([(correct / counts.clamp_min(1)).sum(), (correct == counts).sum(), torch.tensor(n, device=device)])
+        exact_at_halt = ((mask & (at_halt == labels)).sum(-1) == counts).sum()
+        sums += torch.stack([(correct / counts.clamp_min(1)).sum(), (correct == counts).sum(), exact_at_halt,
+                             torch.tensor(n, device=device)])  # fmt: skip
         if vote:
             records += _vote_records(split, idx, preds.to(torch.uint8).cpu().numpy(), out.q_halt[:n].float().cpu().numpy())
     model.train(was_training)
@@ -126,10 +136,11 @@ def evaluate_split(model, split: ArcSplit, indices: np.ndarray, local_batch_size
             gathered: list[list[Prediction]] = [None] * world  # type: ignore[list-item]
             dist.all_gather_object(gathered, records)
             records = [r for part in gathered for r in part]
-    token_acc, exact, count = sums.tolist()
+    token_acc, exact, exact_at_halt, count = sums.tolist()
     metrics = {
         f"eval/{prefix}/accuracy": token_acc / max(count, 1),
         f"eval/{prefix}/exact_accuracy": exact / max(count, 1),
+        f"eval/{prefix}/exact_accuracy_at_halt": exact_at_halt / max(count, 1),
         f"eval/{prefix}/examples": count,
     }
     if vote:

@@ -125,20 +125,24 @@ class _SplitWriter:
         """``demos``: augmented demonstration pairs. ``examples``: (pair, pair index, index of the
         pair among ``demos`` or None); translated at random when ``rng`` is given."""
         pool_start = self.num_demos
-        for p in demos:
-            self.demo_inputs.append(encode_grid(p.input, self.size))
-            self.demo_labels.append(encode_grid(p.output, self.size))
+        if demos:
+            self.demo_inputs.append(np.stack([encode_grid(p.input, self.size) for p in demos]))
+            self.demo_labels.append(np.stack([encode_grid(p.output, self.size) for p in demos]))
         self.num_demos += len(demos)
+        inputs, labels = [], []
         for pair, pair_index, own_demo in examples:
             row = col = 0
             if rng is not None:
                 row = int(rng.integers(self.size - max(pair.input.shape[0], pair.output.shape[0]) + 1))
                 col = int(rng.integers(self.size - max(pair.input.shape[1], pair.output.shape[1]) + 1))
-            self.inputs.append(encode_grid(pair.input, self.size, row, col))
-            self.labels.append(encode_grid(pair.output, self.size, row, col))
+            inputs.append(encode_grid(pair.input, self.size, row, col))
+            labels.append(encode_grid(pair.output, self.size, row, col))
             self.example_pair.append(pair_index)
             others = [pool_start + j for j in range(len(demos)) if j != own_demo][: self.max_demos]
             self.example_demos.append(others + [-1] * (self.max_demos - len(others)))
+        if examples:
+            self.inputs.append(np.stack(inputs))
+            self.labels.append(np.stack(labels))
         self.num_examples += len(examples)
         self.puzzle_indices.append(self.num_examples)
         self.puzzle_identifiers.append(puzzle_id)
@@ -155,12 +159,12 @@ class _SplitWriter:
         seq_len = self.size * self.size
         empty = np.zeros((0, seq_len), np.uint8)
         arrays = {
-            "inputs": np.stack(self.inputs) if self.inputs else empty,
-            "labels": np.stack(self.labels) if self.labels else empty,
+            "inputs": np.concatenate(self.inputs) if self.inputs else empty,
+            "labels": np.concatenate(self.labels) if self.labels else empty,
             "example_pair": np.asarray(self.example_pair, np.int16),
             "example_demos": np.asarray(self.example_demos, np.int32).reshape(-1, self.max_demos),
-            "demo_inputs": np.stack(self.demo_inputs) if self.demo_inputs else empty,
-            "demo_labels": np.stack(self.demo_labels) if self.demo_labels else empty,
+            "demo_inputs": np.concatenate(self.demo_inputs) if self.demo_inputs else empty,
+            "demo_labels": np.concatenate(self.demo_labels) if self.demo_labels else empty,
             "puzzle_identifiers": np.asarray(self.puzzle_identifiers, np.int32),
             "puzzle_indices": np.asarray(self.puzzle_indices, np.int64),
             "group_indices": np.asarray(self.group_indices, np.int64),
