@@ -58,6 +58,10 @@ class DemoEncoder(Conditioner):
             for _ in range(arch.encoder_num_layers or self.default_layers)
         )
         self.to_context = linear(d, arch.puzzle_emb_len * arch.hidden_size)
+        # Fixed frequencies and phases of the identity diagnostic's per-puzzle codes.
+        g = torch.Generator().manual_seed(1234)
+        self.register_buffer("code_freq", torch.rand(arch.hidden_size, generator=g) * 1000.0, persistent=False)
+        self.register_buffer("code_phase", torch.rand(arch.hidden_size, generator=g) * 6.2832, persistent=False)
 
     def finish_init(self) -> None:
         """Called by the registry after a subclass built its modules."""
@@ -97,7 +101,20 @@ class DemoEncoder(Conditioner):
         """pairs: (B, D, d) demonstration vectors; mask: (B, D) -> context and extras."""
         raise NotImplementedError
 
+    def puzzle_code(self, puzzle_ids: torch.Tensor) -> torch.Tensor:
+        """(B,) ids -> (B, hidden) fixed pseudo-random codes of unit RMS: sqrt(2) sin(id f + phase)
+        with random frequencies, nearly orthogonal for different ids, no table to store."""
+        return 2**0.5 * torch.sin(puzzle_ids[:, None].double() * self.code_freq.double() + self.code_phase.double()).float()
+
     def forward(self, batch: dict[str, torch.Tensor]) -> Conditioning:
         mask = self.select_demos(batch["demo_mask"])
         pairs = self.encode_pairs(batch["demo_inputs"], batch["demo_labels"], mask)
-        return self.aggregate(pairs, mask)
+        out = self.aggregate(pairs, mask)
+        if self.arch.identity_target_weight > 0:
+            # The plan's identity-encoder test: can the encoder pass known embeddings through?
+            target = self.puzzle_code(batch["puzzle_identifiers"])
+            mse = (out.context[:, 0].float() - target).square().mean(-1)  # (B,)
+            n = torch.tensor(float(mse.shape[0]), device=mse.device)
+            out.aux_losses["identity_loss"] = self.arch.identity_target_weight * mse.sum()
+            out.metrics["train/identity_mse"] = (mse.sum().detach(), n)
+        return out

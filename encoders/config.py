@@ -30,6 +30,9 @@ class EncoderArchConfig(ArchConfig):
     freeze_encoder: bool = Field(False, description="keep the encoder at its random init, out of the optimiser")
     num_demos: int | None = Field(None, ge=1, description="demonstrations given to the encoder (None: all)")
     kl_weight: float = Field(1e-4, ge=0, description="weight of the KL term (variational encoders)")
+    identity_target_weight: float = Field(
+        0.0, ge=0, description="identity-encoder diagnostic: weight of an MSE pulling the first context "
+        "token toward a fixed random code of the puzzle id (0: off)")
 
     @property
     def conditioner(self) -> str:

@@ -192,3 +192,18 @@ def test_model_context_seam_is_the_same_core():
     cfg = make_cfg("standard", "mean")
     model = make_model(cfg)
     assert isinstance(model, TinyRecursiveModel) and model.conditioner.needs_demos
+
+
+def test_identity_diagnostic_pulls_the_context_toward_fixed_puzzle_codes():
+    cfg = make_cfg("standard", "mean", identity_target_weight=2.0)
+    model = make_model(cfg)
+    batch = make_batch()
+    enc = model.conditioner
+    codes = enc.puzzle_code(batch["puzzle_identifiers"])
+    torch.testing.assert_close(codes.square().mean(-1), torch.ones(B), atol=0.3, rtol=0)  # unit RMS
+    torch.testing.assert_close(enc.puzzle_code(batch["puzzle_identifiers"]), codes)  # fixed
+    cond = enc(batch)
+    mse = (cond.context[:, 0] - codes).square().mean(-1).sum()
+    torch.testing.assert_close(cond.aux_losses["identity_loss"], 2.0 * mse)
+    cond.aux_losses["identity_loss"].backward()
+    assert enc.to_context.weight.grad.abs().sum() > 0
