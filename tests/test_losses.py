@@ -41,3 +41,16 @@ def test_act_loss_divides_by_valid_labels_and_counts_halted_samples_only():
     torch.testing.assert_close(loss, lm + 0.5 * q.double())
     assert m["count"] == 1  # only the halted sample
     assert m["exact_accuracy"] == 1 and m["accuracy"] == 1.0 and m["steps"] == 3 and m["q_halt_accuracy"] == 1
+
+
+def test_stablemax_gradient_is_finite_and_exact_at_the_branch_points():
+    # A logit of exactly 1.0 once made the unused 1 / (1 - x) branch inf and its gradient NaN.
+    x = torch.tensor([[[1.0, 0.0, -2.0, 3.0]]], dtype=torch.float64, requires_grad=True)
+    stablemax_cross_entropy(x, torch.tensor([[1]])).sum().backward()
+    s = torch.tensor([2.0, 1.0, 1 / 3, 4.0], dtype=torch.float64)  # s(x) by hand
+    ds = torch.tensor([1.0, 1.0, 1 / 9, 1.0], dtype=torch.float64)  # s'(x): 1 for x >= 0, 1/(1-x)^2 below
+    # loss = -log s_1 + log sum s  =>  dloss/dx_i = ds_i / sum s - [i == 1] ds_1 / s_1
+    expected = ds / s.sum()
+    expected[1] -= ds[1] / s[1]
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(x.grad[0, 0], expected)

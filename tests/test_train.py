@@ -97,3 +97,28 @@ def test_torchrun_two_ranks_matches_one_rank(tiny_dataset, tmp_path):
     assert b["world_size"] == 2
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(tiny_dataset, tmp_path, monkeypatch):
+    import trm.train as train_module
+
+    healthy = train_module.train_step
+    first_eval = 2 * ArcSplit(tiny_dataset[0], "train").examples_per_epoch // 8  # eval_interval=2 epochs, batch 8
+
+    def diverging(model, carry, batch, opt, cfg, step, *rest):
+        carry, metrics, lrs = healthy(model, carry, batch, opt, cfg, step, *rest)
+        if step > first_eval:  # after the first evaluation and its checkpoint
+            for p in model.parameters():
+                p.data.fill_(float("nan"))
+            _, count = metrics["train/lm_loss"]
+            metrics["train/lm_loss"] = (torch.tensor(float("nan")), count)
+        return carry, metrics, lrs
+
+    monkeypatch.setattr(train_module, "train_step", diverging)
+    first_log = first_eval + 2 - first_eval % 2  # log_interval=2
+    with pytest.raises(FloatingPointError, match=f"diverged: train/lm_loss is nan at step {first_log}"):
+        run(tiny_dataset, tmp_path / "r")
+    state = final_state(tmp_path / "r")
+    assert state["step"] == first_eval
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["diverged"] is True

@@ -10,7 +10,9 @@ from trm.data.grids import IGNORE_LABEL_ID
 
 def log_stablemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """log of s(x) / sum s(x), with s(x) = 1 / (1 - x) for x < 0 and x + 1 otherwise."""
-    s = torch.where(x < 0, 1 / (1 - x), x + 1)
+    # Each branch only sees the inputs it applies to: 1 / (1 - x) evaluated at x = 1 would be inf,
+    # and torch.where's backward turns the unused branch's 0 * inf into a NaN gradient.
+    s = torch.where(x < 0, 1 / (1 - x.clamp(max=0)), x.clamp(min=0) + 1)
     return torch.log(s / s.sum(dim=dim, keepdim=True))
 
 

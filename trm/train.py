@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import time
 from datetime import datetime
@@ -320,6 +321,14 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
             shown = {"loss": "train/lm_loss", "acc": "train/accuracy", "exact": "train/exact_accuracy",
                      "sps": "timing/samples_per_sec"}  # fmt: skip
             bar.set_postfix({k: f"{last_train[m]:.3g}" for k, m in shown.items() if m in last_train})
+            if not math.isfinite(last_train.get("train/lm_loss", 0.0)):
+                # Stop before the next checkpoint would overwrite the last good one with NaN weights.
+                bar.close()
+                logger.finish({**last_train, "step": step, "diverged": True})
+                raise FloatingPointError(
+                    f"training diverged: train/lm_loss is {last_train['train/lm_loss']} at step {step}; "
+                    f"{run_dir / 'checkpoints'} keeps the last finite state"
+                )
         if (plan.eval_every_steps and step % plan.eval_every_steps == 0) or step == plan.last_step:
             eval_start = time.perf_counter()
             last_eval = evaluate()
