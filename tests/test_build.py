@@ -78,16 +78,29 @@ def test_heldout_mode_keeps_evaluation_tasks_out_of_training(tmp_path):
 
 
 def test_augmentations_are_distinct_and_counted(tmp_path):
-    options = BuildOptions(num_train_groups=2, num_eval_groups=0, num_augmentations=6, max_grid_size=6)
+    """Symmetric tasks have fewer distinct versions than asked for, counted by hand: a 1x1 grid
+    of colour 1 mapped to itself has 9 (its colour; rotations change nothing); a 1x2 grid has 9
+    colours x 2 orientations = 18. Asked for 30 versions each, the builder keeps exactly those,
+    every one with different grids, the original first."""
+    src = tmp_path / "tasks"
+    _write(src, "dot.json", {"train": [{"input": [[1]], "output": [[1]]}], "test": [{"input": [[1]], "output": [[1]]}]})
+    _write(src, "bar.json", {"train": [{"input": [[1, 1]], "output": [[1, 1]]}],
+                             "test": [{"input": [[1, 1]], "output": [[1, 1]]}]})  # fmt: skip
+    options = BuildOptions(train_sources=[str(src)], eval_sources=[], num_augmentations=30, max_grid_size=4)
     build_dataset(options, tmp_path / "a", log=lambda *_: None)
     train = ArcSplit(tmp_path / "a", "train")
+    counts = {}
     for g in range(train.num_groups):
-        a, b = train.group_indices[g], train.group_indices[g + 1]
-        assert b - a <= 6
-        firsts = {train.labels[train.puzzle_indices[p]].tobytes() + train.inputs[train.puzzle_indices[p]].tobytes() for p in range(a, b)}
-        assert len(firsts) >= 1
-        keys = {(int(train.puzzle_dihedral[p]), train.puzzle_colours[p].tobytes()) for p in range(a, b)}
-        assert len(keys) == b - a
+        puzzles = range(train.group_indices[g], train.group_indices[g + 1])
+        name = train.tasks[train.puzzle_task[puzzles[0]]].split(":")[1]
+        counts[name] = len(puzzles)
+        assert train.puzzle_dihedral[puzzles[0]] == 0 and (train.puzzle_colours[puzzles[0]] == np.arange(10)).all()
+        grids = set()  # each version's demonstration pool (top-left grids)
+        for p in puzzles:
+            pool = sorted(set(train.example_demos[train.puzzle_indices[p] : train.puzzle_indices[p + 1]].ravel()) - {-1})
+            grids.add(b"".join(train.demo_inputs[r].tobytes() + train.demo_labels[r].tobytes() for r in pool))
+        assert len(grids) == len(puzzles)
+    assert counts == {"bar": 18, "dot": 9}
 
 
 def test_sampler_draws_one_puzzle_per_group_per_epoch(tiny_dataset):

@@ -33,6 +33,17 @@ def test_unknown_key_fails_naming_it():
         compose("cfg_pretrain", ["+arch.hidden_sizee=3"])
 
 
+@pytest.mark.parametrize("entry", ["cfg_pretrain", "cfg_pretrain_encoder"])
+@pytest.mark.parametrize("key", ["+epoch=3", "+eval.reliance_typo=1", "+data.max_grid=10"])
+def test_unknown_keys_at_any_level_are_refused_by_both_entry_points(entry, key):
+    from encoders.config import EncoderTrainConfig
+
+    schema = EncoderTrainConfig if entry == "cfg_pretrain_encoder" else TrainConfig
+    name = key[1:].split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{name.replace('.', '[.]')}: unknown key"):
+        compose(entry, ["experiment=E0v2", key], schema)
+
+
 def test_wrong_type_fails_naming_the_key():
     with pytest.raises(ConfigError, match=r"global_batch_size: .*integer"):
         compose("cfg_pretrain", ["global_batch_size=abc"])

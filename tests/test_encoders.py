@@ -52,15 +52,24 @@ def make_batch(seed=0, valid=(3, 1, 5, 2)):
 
 
 @pytest.mark.parametrize("encoder,pooling", CASES)
-def test_context_shape_and_finite_with_one_demonstration(encoder, pooling):
-    model = make_model(make_cfg(encoder, pooling))
-    batch = make_batch(valid=(1, 1, 1, 1))
+@pytest.mark.parametrize("valid", [(1, 1, 1, 1), (0, 2, 0, 1), (0, 0, 0, 0)])
+def test_few_or_no_demonstrations_give_finite_contexts_losses_and_gradients(encoder, pooling, valid):
+    """One demonstration, some samples with none, a batch with none: the context, the loss of a
+    real training step, every gradient and every updated weight stay finite."""
+    cfg = make_cfg(encoder, pooling)
+    model = make_model(cfg)
+    batch = make_batch(valid=valid)
     cond = model.conditioner(batch)
     assert cond.context.shape == (B, 3, 32)
     assert torch.isfinite(cond.context).all()
-    loss = cond.context.square().sum() + sum(cond.aux_losses.values())
-    loss.backward()
+    (cond.context.square().sum() + sum(cond.aux_losses.values())).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.conditioner.parameters() if p.grad is not None)
+    model.zero_grad()
+    opt, plan = Optimisers(cfg, model), plan_run(cfg, examples_per_epoch=100, world_size=1)
+    autocast = functools.partial(torch.autocast, "cpu", enabled=False)
+    _, metrics, _ = train_step(model, model.initial_carry(batch), batch, opt, cfg, 1, plan, autocast)
+    assert all(torch.isfinite(v).all() for pair in metrics.values() for v in pair), metrics
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 @pytest.mark.parametrize("encoder,pooling", CASES)
@@ -189,9 +198,47 @@ def test_unknown_encoder_or_pooling_lists_the_valid_names():
 
 
 def test_model_context_seam_is_the_same_core():
-    cfg = make_cfg("standard", "mean")
-    model = make_model(cfg)
-    assert isinstance(model, TinyRecursiveModel) and model.conditioner.needs_demos
+    """The encoder model is the puzzle-embedding model's core fed another context: with the same
+    core weights and the encoder's context passed through the seam, both give the same step."""
+    from trm.config import ArchConfig
+    from trm.model.conditioning import Conditioning, PuzzleEmbedding
+
+    model = make_model(make_cfg("standard", "mean")).eval()
+    arch = ArchConfig(**{k: v for k, v in model.arch.model_dump().items() if k in ArchConfig.model_fields})
+    original = TinyRecursiveModel(arch, PuzzleEmbedding(10, 32, 3), META["vocab_size"], META["seq_len"]).eval()
+    original.core.load_state_dict(model.core.state_dict())
+    batch = make_batch()
+    with torch.no_grad():
+        context = model.conditioner(batch).context
+        _, own = model(model.initial_carry(batch), batch)
+        _, seam = original(original.initial_carry(batch), batch, Conditioning(context))
+        _, other = original(original.initial_carry(batch), batch, Conditioning(context.roll(1, dims=0)))
+    torch.testing.assert_close(own.logits, seam.logits, rtol=0, atol=0)
+    torch.testing.assert_close(own.q_halt, seam.q_halt, rtol=0, atol=0)
+    assert not torch.allclose(own.logits, other.logits)  # the context matters to the comparison
+
+
+def test_kl_gradient_reaches_the_encoder():
+    """In evaluation mode the encoder's logvar head feeds only the KL term (z is the mean), so the
+    gradient of the total loss on it is exactly the gradient of kl_weight x KL, written out here."""
+    cfg = make_cfg("lpn_variational", "mean", kl_weight=0.5)
+    model = make_model(cfg).eval()
+    batch = make_batch()
+    enc = model.conditioner
+    carry, out = model(model.initial_carry(batch), batch)
+    loss, _ = total_loss(out, carry)
+    loss.backward()
+    got = enc.logvar.weight.grad.clone()
+    assert got.abs().sum() > 0
+    with torch.no_grad():
+        pairs = enc.encode_pairs(batch["demo_inputs"], batch["demo_labels"], batch["demo_mask"])
+    weight = enc.logvar.weight.detach().clone().requires_grad_(True)
+    mu, logvar = enc.mu(pairs).detach(), pairs @ weight.T + enc.logvar.bias.detach()
+    kl_pair = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(-1)
+    mask = batch["demo_mask"]
+    reference = 0.5 * sum(kl_pair[b][mask[b]].mean() for b in range(B))
+    reference.backward()
+    torch.testing.assert_close(got, weight.grad)
 
 
 def test_identity_diagnostic_pulls_the_context_toward_fixed_puzzle_codes():

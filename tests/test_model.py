@@ -86,15 +86,57 @@ def test_halted_slots_take_the_new_example_and_reset_their_state():
     torch.testing.assert_close(carry3.z_H, fresh.z_H)
 
 
+@pytest.mark.parametrize("H, L", [(1, 2), (2, 1), (3, 2)])
+def test_h_cycles_minus_one_without_gradient_then_one_with(H, L):
+    """Each H cycle is L_cycles z_L updates and one z_H update: H - 1 cycles under no_grad, then
+    one with gradient, in that order."""
+    model = make(H_cycles=H, L_cycles=L)
+    net, calls = model.core.net, []
+
+    def recording(z, injection):
+        calls.append(torch.is_grad_enabled())
+        return net(z, injection)
+
+    model.core.net = recording
+    b = batch()
+    model(model.initial_carry(b), b)
+    assert calls == [False] * ((H - 1) * (L + 1)) + [True] * (L + 1)
+
+
+def reference_logits(model, b, rows, grad_cycles):
+    """The recursion written out from the paper, with gradient through the last ``grad_cycles``
+    H cycles; the context is the puzzle vector in the first position, scaled by sqrt(hidden)."""
+    core, arch = model.core, model.arch
+    B, H, P = rows.shape[0], arch.hidden_size, arch.puzzle_emb_len
+    context = torch.cat([rows[:, None] * H**0.5, torch.zeros(B, P - 1, H)], dim=1)
+    x = torch.cat([context, core.embed_tokens(b["inputs"]) * H**0.5], dim=1)
+    z_H = core.H_init.expand(B, P + b["inputs"].shape[1], H)
+    z_L = core.L_init.expand_as(z_H)
+    for cycle in range(arch.H_cycles):
+        with torch.set_grad_enabled(cycle >= arch.H_cycles - grad_cycles):
+            for _ in range(arch.L_cycles):
+                z_L = core.net(z_L, z_H + x)
+            z_H = core.net(z_H, z_L)
+    return core.lm_head(z_H[:, P:])
+
+
 def test_gradient_reaches_the_puzzle_embedding_rows_through_the_last_cycle():
-    model = make()
+    model = make(H_cycles=3, L_cycles=2)
+    model.conditioner.weight.normal_()
     b = batch()
     _, out = model(model.initial_carry(b), b)
     out.logits.float().square().mean().backward()
     _, rows = model.conditioner.looked_up
-    assert rows.grad is not None and rows.grad.abs().sum() > 0
     q_head = set(model.core.q_head.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.core.parameters() if p not in q_head)
+
+    def grad_of_rows(grad_cycles):
+        r = model.conditioner.weight[b["puzzle_identifiers"]].clone().requires_grad_(True)
+        reference_logits(model, b, r, grad_cycles).square().mean().backward()
+        return r.grad
+
+    torch.testing.assert_close(rows.grad, grad_of_rows(1))
+    assert not torch.allclose(rows.grad, grad_of_rows(3), rtol=1e-3, atol=1e-6)  # the two differ
 
 
 def test_context_is_what_the_core_sees():

@@ -1,4 +1,6 @@
+import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -6,10 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from trm.cli import compose
+from trm.config import ArchConfig, TrainConfig, plan_run
 from trm.data.dataset import ArcSplit
-from trm.train import train
+from trm.data.tasks import load_source
+from trm.train import MetricWindow, Optimisers, build_model, train, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,33 +41,157 @@ def final_state(run_dir):
     return torch.load(Path(run_dir) / "checkpoints" / latest / "state.pt", weights_only=False)
 
 
+def read_rows(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def examples_per_epoch_by_hand(dataset_dir) -> int:
+    """One version of every training group per epoch: each training task gives all its pairs, each
+    evaluation task (trm mode) its demonstration pairs; counted from the task files themselves."""
+    info = json.loads((Path(dataset_dir) / "build.json").read_text())
+    tasks = {t.name: t for s in ("arc-agi-1/training", "arc-agi-1/evaluation") for t in load_source(s)}
+    names = info["tasks"]
+    train, evals = names[: info["num_train_tasks"]], names[info["num_train_tasks"] :]
+    return sum(len(tasks[n].demos) + len(tasks[n].tests) for n in train) + sum(len(tasks[n].demos) for n in evals)
+
+
+def lr_by_hand(step, base, warmup, total, floor):
+    if step < warmup:
+        return base * step / warmup
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))))
+
+
 def test_a_run_writes_its_directory(tiny_dataset, tmp_path):
-    summary = run(tiny_dataset, tmp_path / "r")
-    files = {p.name for p in (tmp_path / "r").iterdir()}
-    assert {"config.yaml", "metrics.jsonl", "summary.json", "checkpoints"} <= files
-    lines = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    assert all("step" in line for line in lines)
-    names = set().union(*lines)
-    for key in ("train/lm_loss", "train/accuracy", "train/exact_accuracy", "train/q_halt_accuracy", "train/steps",
-                "train/lr", "eval/train/exact_accuracy", "eval/test/accuracy", "ARC/pass@2", "grad/total_norm"):
-        assert key in names, key
-    on_disk = json.loads((tmp_path / "r" / "summary.json").read_text())
-    assert on_disk["eval/train/exact_accuracy"] == summary["eval/train/exact_accuracy"]
-    per_epoch = ArcSplit(tiny_dataset[0], "train").examples_per_epoch
-    assert summary["step"] == summary["total_steps"] == 4 * per_epoch // 8  # epochs x examples per epoch / batch
-    state = final_state(tmp_path / "r")
-    assert {"model", "optimisers", "ema", "sampler", "step", "config"} <= set(state)
+    run_dir = tmp_path / "r"
+    summary = run(tiny_dataset, run_dir, "log_interval=1", "lr_min_ratio=0.1", "lr=1e-3")
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "checkpoints"} <= {p.name for p in run_dir.iterdir()}
+    per_epoch = examples_per_epoch_by_hand(tiny_dataset[0])
+    total = 4 * per_epoch // 8  # epochs=4 x examples per epoch / global batch 8
+    assert summary["step"] == summary["total_steps"] == total
+
+    rows = read_rows(run_dir)
+    train_rows = {r["step"]: r for r in rows if "train/lr" in r}
+    eval_rows = {r["step"]: r for r in rows if "eval/train/exact_accuracy" in r}
+    assert sorted(train_rows) == list(range(1, total + 1))  # log_interval=1
+    every = 2 * per_epoch // 8  # eval_interval=2 epochs
+    assert sorted(eval_rows) == [every, 2 * every] and 2 * every == total
+    # The cosine schedule runs over exactly the run's steps and ends at its floor.
+    for step, r in train_rows.items():
+        assert r["train/lr"] == pytest.approx(lr_by_hand(step, 1e-3, 2, total, 0.1), rel=1e-12), step
+    assert train_rows[total]["train/lr"] == pytest.approx(1e-4, rel=1e-12)
+    for r in train_rows.values():
+        assert math.isfinite(r["train/lm_loss"]) and r["train/lm_loss"] > 0
+        assert r["grad/total_norm"] > 0 and r["timing/samples_per_sec"] > 0
+        assert r["grad/total_norm"] == pytest.approx(math.hypot(r["grad/trm_norm"], r["grad/encoder_norm"]), rel=1e-6)
+        if "train/steps" in r:  # only where some slot halted
+            assert 1 <= r["train/steps"] <= 3 and 0 <= r["train/accuracy"] <= 1
+    # Evaluation: every example of the first version of each group; the test pairs of both versions.
+    tasks = {t.name: t for t in load_source("arc-agi-1/evaluation")}
+    info = json.loads((tiny_dataset[0] / "build.json").read_text())
+    test_pairs = sum(len(tasks[n].tests) for n in info["tasks"][info["num_train_tasks"] :])
+    last = eval_rows[total]
+    assert last["eval/train/examples"] == per_epoch
+    assert last["eval/test/examples"] == 2 * test_pairs and last["eval/test/tasks"] == 2
+    for key in ("eval/train/exact_accuracy", "eval/test/accuracy", "ARC/pass@2"):
+        assert 0 <= last[key] <= 1
+        assert summary[key] == last[key]
+    assert json.loads((run_dir / "summary.json").read_text()) == pytest.approx(summary)
+    state = final_state(run_dir)
+    assert state["step"] == total and state["sampler"]["epoch"] == 4 and state["sampler"]["offset"] == 0
+    cfg, raw = compose("cfg_pretrain", tiny_overrides(tiny_dataset, run_dir, "log_interval=1", "lr_min_ratio=0.1", "lr=1e-3"))
+    assert state["config"] == yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert {k: v for k, v in state["config"].items() if k != "run_name"} == {k: v for k, v in raw.items() if k != "run_name"}
 
 
-def test_resume_continues_exactly(tiny_dataset, tmp_path):
-    run(tiny_dataset, tmp_path / "straight")
-    run(tiny_dataset, tmp_path / "split", "max_steps=7")
-    assert final_state(tmp_path / "split")["step"] == 7
-    run(tiny_dataset, tmp_path / "split")  # resumes from step 7
+def optimiser_tensors(state) -> list[torch.Tensor]:
+    return [t for s in state["optimisers"]["dense"]["state"].values() for t in (s["exp_avg"], s["exp_avg_sq"])]
+
+
+def test_resume_continues_exactly(tiny_dataset, tmp_path, monkeypatch):
+    """A run stopped at step 6 and resumed equals the run straight through: weights, optimiser
+    moments, EMA, sampler position, random-number state, ACT carry and every logged training
+    metric. Halting exploration matters here: the Q-head starts at +5 (halt at once) and each slot
+    draws its minimum number of steps with probability 0.5, from the random stream."""
+    import trm.train as train_module
+
+    build = train_module.build_model
+
+    def eager_to_halt(cfg, metadata):
+        model = build(cfg, metadata)
+        with torch.no_grad():
+            model.core.q_head.bias.fill_(5.0)
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", eager_to_halt)
+    extra = ("arch.halt_exploration_prob=0.5", "lr=1e-3", "lr_min_ratio=0.1")  # cosine: the schedule shows
+    run(tiny_dataset, tmp_path / "straight", *extra)
+    run(tiny_dataset, tmp_path / "split", *extra, "max_steps=6")
+    assert final_state(tmp_path / "split")["step"] == 6
+    run(tiny_dataset, tmp_path / "split", *extra)  # resumes from step 6
     a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "split")
-    assert a["step"] == b["step"] > 7
+    assert a["step"] == b["step"] > 6 and a["sampler"] == b["sampler"]
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    for x, y in zip(optimiser_tensors(a) + a["ema"]["shadow"], optimiser_tensors(b) + b["ema"]["shadow"], strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    own = [torch.load(Path(d) / "checkpoints" / (Path(d) / "checkpoints" / "latest").read_text() / "rank_0.pt",
+                      weights_only=False) for d in (tmp_path / "straight", tmp_path / "split")]  # fmt: skip
+    assert torch.equal(own[0]["rng"]["torch"], own[1]["rng"]["torch"])
+    for k in ("z_H", "z_L", "steps", "halted"):
+        assert torch.equal(own[0]["carry"][k], own[1]["carry"][k]), k
+    # Every logged training metric, step by step (timing aside).
+    def train_metrics(run_dir):
+        return {r["step"]: {k: v for k, v in r.items() if k.startswith(("train/", "grad/", "encoder/"))}
+                for r in read_rows(run_dir) if "train/lr" in r}  # fmt: skip
+
+    straight, split = train_metrics(tmp_path / "straight"), train_metrics(tmp_path / "split")
+    assert straight == split
+    explored = [r["train/steps"] for r in straight.values() if "train/steps" in r]
+    assert any(s > 1 for s in explored), "no slot explored: the test does not exercise the random stream"
+
+
+def test_train_metrics_count_only_the_samples_that_halt():
+    """Of 4 slots, 3 halt at their second step and one restarts: accuracy, exact accuracy,
+    q_halt accuracy and steps are averaged over the 3 halted slots; losses over all 4."""
+    cfg = TrainConfig(arch=ArchConfig(hidden_size=16, num_heads=2, H_cycles=1, L_cycles=1, puzzle_emb_len=1,
+                                      halt_max_steps=2, halt_exploration_prob=0.0),
+                      global_batch_size=4, lr_warmup_steps=0, ema=False)  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg, {"vocab_size": 12, "seq_len": 9, "num_puzzle_identifiers": 5})
+    opt, plan = Optimisers(cfg, model), plan_run(cfg, examples_per_epoch=8, world_size=1)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(2, 12, (4, 9), generator=g)
+    labels[:, 6:] = -100  # three ignored cells per example
+    batch = {"inputs": torch.randint(2, 12, (4, 9), generator=g, dtype=torch.int32), "labels": labels,
+             "puzzle_identifiers": torch.arange(1, 5, dtype=torch.int32), "task_ids": torch.arange(4)}  # fmt: skip
+    outputs = []
+    model.register_forward_hook(lambda module, args, result: outputs.append(result[1]))
+    autocast = functools.partial(torch.autocast, "cpu", enabled=False)
+
+    carry, first, _ = train_step(model, model.initial_carry(batch), batch, opt, cfg, 1, plan, autocast)
+    assert not carry.halted.any()  # q_halt = -5: only the step limit halts
+    window = MetricWindow()
+    window.add(first)
+    assert "train/steps" not in window.reduce(4)  # nothing halted: no value, not 0
+
+    carry.halted[0] = True  # slot 0 restarts with the next example; slots 1-3 reach step 2 and halt
+    carry, second, _ = train_step(model, carry, batch, opt, cfg, 2, plan, autocast)
+    assert carry.halted.tolist() == [False, True, True, True]
+    window.add(second)
+    got = window.reduce(4)
+    out = outputs[-1]
+    halted = [1, 2, 3]
+    correct = (out.logits.argmax(-1) == labels)[:, :6].float()
+    assert got["train/steps"] == 2.0
+    assert got["train/accuracy"] == pytest.approx(correct[halted].mean().item())
+    assert got["train/exact_accuracy"] == pytest.approx(correct[halted].min(1).values.mean().item())
+    q_right = [(out.q_halt[i] >= 0).item() == bool(correct[i].min() == 1) for i in halted]
+    assert got["train/q_halt_accuracy"] == pytest.approx(sum(q_right) / 3)
+    # The loss is per sample over every slot: stablemax cross-entropy, mean over valid cells.
+    x = out.logits.detach().double()
+    s = torch.where(x < 0, 1 / (1 - x), x + 1)
+    nll = -torch.log(s.gather(-1, labels.clamp_min(0)[..., None])[..., 0] / s.sum(-1))[:, :6]
+    assert got["train/lm_loss"] == pytest.approx(nll.mean(1).sum().item() / 4, rel=1e-9)
 
 
 def test_wandb_offline_never_prompts_and_writes_beside_the_run(tiny_dataset, tmp_path, monkeypatch):
@@ -85,8 +214,10 @@ def test_a_directory_holding_another_run_is_not_overwritten(tiny_dataset, tmp_pa
 @pytest.mark.slow
 def test_torchrun_two_ranks_matches_one_rank(tiny_dataset, tmp_path):
     """Data parallel on CPU (gloo): with exploration off, two ranks splitting the global batch
-    train the same weights as one rank."""
-    common = tiny_overrides(tiny_dataset, "X", "arch.halt_exploration_prob=0", "max_steps=6")
+    train the same weights as one rank. The gradient clip binds at every step (the norm is far
+    above 0.01), so clipping each rank's half before the reduction would show."""
+    common = tiny_overrides(tiny_dataset, "X", "arch.halt_exploration_prob=0", "max_steps=6", "grad_clip_norm=0.01",
+                            "lr=1e-3", "log_interval=1")  # fmt: skip
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     for n, name in ((1, "one"), (2, "two")):
         args = [a if not a.startswith("run_dir=") else f"run_dir={tmp_path / name}" for a in common]
@@ -97,6 +228,13 @@ def test_torchrun_two_ranks_matches_one_rank(tiny_dataset, tmp_path):
     assert b["world_size"] == 2
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
+    norms = [r["grad/total_norm"] for r in read_rows(tmp_path / "one") if "grad/total_norm" in r]
+    assert len(norms) == 6 and min(norms) > 0.1  # clipped by a factor of 10 or more at every step
+    for x, y in zip(a["ema"]["shadow"], b["ema"]["shadow"], strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    one, two = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("one", "two"))
+    for key in ("train/lm_loss", "grad/total_norm", "eval/train/accuracy", "eval/test/accuracy"):
+        assert one[key] == pytest.approx(two[key], rel=1e-4), key
 
 
 def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(tiny_dataset, tmp_path, monkeypatch):
@@ -122,3 +260,28 @@ def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(tiny_dataset
     assert state["step"] == first_eval
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["diverged"] is True
+
+
+def test_context_diagnostics_against_plain_formulas():
+    """Contexts of different scales, two tasks with two samples each: the cosine runs over pairs of
+    samples of different tasks only, on normalised vectors; the norm is per context token."""
+    from trm.train import context_diagnostics
+
+    g = torch.Generator().manual_seed(0)
+    context = torch.randn(5, 3, 4, generator=g) * torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])[:, None, None] + 0.5
+    tasks = [0, 0, 1, 2, 1]
+    got = {k: (s / c).item() for k, (s, c) in context_diagnostics(context, torch.tensor(tasks)).items()}
+    flat = context.flatten(1).double().tolist()
+
+    def cosine(a, b):
+        dot = sum(x * y for x, y in zip(a, b))
+        return dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+    pairs = [cosine(flat[i], flat[j]) for i in range(5) for j in range(5) if tasks[i] != tasks[j]]
+    assert len(pairs) == 16
+    assert got["encoder/cross_puzzle_cosine"] == pytest.approx(sum(pairs) / len(pairs), rel=1e-5)
+    norms = [math.sqrt(sum(x * x for x in context[b, p].tolist())) for b in range(5) for p in range(3)]
+    assert got["encoder/output_norm"] == pytest.approx(sum(norms) / len(norms), rel=1e-5)
+    columns = list(zip(*flat))
+    stds = [math.sqrt(sum((x - sum(c) / 5) ** 2 for x in c) / 5) for c in columns]
+    assert got["encoder/cross_sample_std"] == pytest.approx(sum(stds) / len(stds), rel=1e-5)

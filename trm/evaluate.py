@@ -1,8 +1,10 @@
 """Evaluation: every example runs all ``halt_max_steps``; token and exact accuracy per set; on the
 test set, ARC voting over augmentations and pass@k.
 
-Voting: each prediction is cropped to its grid, the augmentation is undone, and equal grids of the
-same (task, test input) pool their votes; candidates rank by count, ties by mean sigmoid(q_halt).
+Voting: each prediction is cropped to its grid as the published TRM's evaluator crops it (the
+largest top-left all-colour rectangle, :func:`trm.data.grids.decode_grid`), the augmentation is
+undone, and equal grids of the same (task, test input) pool their votes; candidates rank by count,
+ties by mean sigmoid(q_halt).
 pass@k of a test input: its answer is among the top k. A task scores the fraction of its test
 inputs passed; pass@k averages the tasks *evaluated* (not a fixed total). Votes live for one call.
 """
@@ -43,7 +45,7 @@ class Prediction:
 
     task: int
     pair: int
-    grid: bytes | None  # predicted grid after undoing the augmentation; None if not a valid grid
+    grid: bytes  # predicted grid after undoing the augmentation (possibly the empty grid)
     answer: bytes  # the true grid, likewise
     q_halt_prob: float
 
@@ -54,14 +56,12 @@ def _vote_records(split: ArcSplit, idx: np.ndarray, preds: np.ndarray, q_halt: n
     for i, example in enumerate(idx):
         puzzle = split.example_puzzle[example]
         t, colours = int(split.puzzle_dihedral[puzzle]), split.puzzle_colours[puzzle]
-        grid = decode_grid(preds[i], size)
-        answer = decode_grid(labels[i], size)
         out.append(Prediction(
             task=int(split.puzzle_task[puzzle]),
             pair=int(split.example_pair[example]),
-            grid=None if grid is None else grid_key(inverse_augment(grid, t, colours)),
-            answer=grid_key(inverse_augment(answer, t, colours)),
-            q_halt_prob=float(1 / (1 + np.exp(-q_halt[i]))),
+            grid=grid_key(inverse_augment(decode_grid(preds[i], size), t, colours)),
+            answer=grid_key(inverse_augment(decode_grid(labels[i], size), t, colours)),
+            q_halt_prob=float(1 / (1 + np.exp(-np.float64(q_halt[i])))),
         ))  # fmt: skip
     return out
 
@@ -72,10 +72,9 @@ def pass_at_k(predictions: list[Prediction], ks: list[int]) -> dict[str, float]:
     answers: dict[tuple[int, int], bytes] = {}
     for p in predictions:
         answers[(p.task, p.pair)] = p.answer
-        if p.grid is not None:
-            v = votes[(p.task, p.pair)][p.grid]
-            v[0] += 1
-            v[1] += p.q_halt_prob
+        v = votes[(p.task, p.pair)][p.grid]
+        v[0] += 1
+        v[1] += p.q_halt_prob
     per_task: dict[int, list[np.ndarray]] = defaultdict(list)
     for (task, pair), answer in answers.items():
         ranked = sorted(votes[(task, pair)].items(), key=lambda kv: (-kv[1][0], -kv[1][1] / kv[1][0]))

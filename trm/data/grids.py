@@ -68,14 +68,22 @@ def encode_grid(grid: np.ndarray, size: int, row: int = 0, col: int = 0) -> np.n
     return canvas.reshape(-1)
 
 
-def decode_grid(tokens: np.ndarray, size: int) -> np.ndarray | None:
-    """Crop the grid whose top-left is at (0, 0): its width is the run of colour tokens along the
-    first row, its height the run down the first column. Returns None when the crop is empty or
-    holds a non-colour token (an invalid prediction)."""
+def decode_grid(tokens: np.ndarray, size: int) -> np.ndarray:
+    """Crop a predicted canvas as the published TRM's evaluator does: the largest top-left
+    rectangle whose cells are all colours.
+
+    Rows are scanned from the top; the width shrinks to each row's leading run of colour cells
+    (a running minimum), and the crop is the (rows, width) of largest area, the first one on a tie.
+    A stray token where the EOS frame should be therefore costs nothing when the grid above it is
+    right, and a ragged frame gives the best rectangle inside it. A canvas whose top-left cell is
+    not a colour gives an empty (0, 0) grid: a prediction that takes part in voting like any other
+    and never matches an answer (answers are at least 1x1).
+    """
     canvas = np.asarray(tokens).reshape(size, size)
     is_colour = canvas >= COLOUR_OFFSET
-    w = int(np.argmin(is_colour[0])) if not is_colour[0].all() else size
-    h = int(np.argmin(is_colour[:, 0])) if not is_colour[:, 0].all() else size
-    if h == 0 or w == 0 or not is_colour[:h, :w].all():
-        return None
+    run = np.where(is_colour.all(axis=1), size, np.argmin(is_colour, axis=1))  # leading colours per row
+    width = np.minimum.accumulate(run)
+    area = width * np.arange(1, size + 1)
+    best = int(np.argmax(area))  # first maximum, as the reference's strict ">" keeps the earlier
+    h, w = (best + 1, int(width[best])) if area[best] > 0 else (0, 0)
     return (canvas[:h, :w] - COLOUR_OFFSET).astype(np.uint8)
