@@ -54,6 +54,7 @@ from trm.data.grids import (
     encode_grid,
     random_colour_permutation,
 )
+from trm.data.families import GENERATOR_VERSION, SOURCE_PREFIX, FamilyOptions, generate
 from trm.data.tasks import ArcDataError, ArcTask, load_source
 
 FORMAT_VERSION = 1
@@ -74,10 +75,23 @@ class BuildOptions(BaseModel):
     split: Literal["trm", "heldout"] = "trm"
     max_demos: int = Field(10, ge=1)
     seed: int = 0
+    families: FamilyOptions | None = Field(None, description="options of the families/... sources")
+
+    def identity(self) -> dict:
+        """What names and identifies a built folder: the options, and for generated tasks the
+        generator's version (a changed generator builds a new folder). Unset family options are
+        left out, so folders of ARC tasks keep the names they had before families existed."""
+        if self.families is None:
+            return self.model_dump(exclude={"families"})
+        return {**self.model_dump(), "families_generator": GENERATOR_VERSION}
 
     def folder_name(self) -> str:
-        digest = hashlib.sha1(self.model_dump_json().encode()).hexdigest()[:8]
-        return f"arc-{self.split}-s{self.max_grid_size}-a{self.num_augmentations}-{digest}"
+        if self.families is None:
+            text, kind = self.model_dump_json(exclude={"families"}), "arc"
+        else:
+            text, kind = json.dumps(self.identity(), sort_keys=True), "families"
+        digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+        return f"{kind}-{self.split}-s{self.max_grid_size}-a{self.num_augmentations}-{digest}"
 
 
 def _select(tasks: list[ArcTask], size: int, count: int | None, rng: np.random.Generator):
@@ -88,16 +102,19 @@ def _select(tasks: list[ArcTask], size: int, count: int | None, rng: np.random.G
 
 
 def _augmentations(task: ArcTask, count: int, seed: int) -> list[tuple[int, np.ndarray]]:
-    """Up to ``count`` distinct (dihedral, colour map) versions of the task, the original first.
-    Versions that give the same grids as an earlier one are dropped (symmetric tasks, unused
-    colours), so a task may get fewer."""
+    """Up to ``count`` distinct (dihedral, colour map) versions of the task, the original first,
+    drawn among the augmentations the task allows. Versions that give the same grids as an earlier
+    one are dropped (symmetric tasks, unused colours), so a task may get fewer."""
     rng = np.random.default_rng([seed, zlib.crc32(task.name.encode())])
     identity = (0, np.arange(10, dtype=np.uint8))
+    count = min(count, (NUM_DIHEDRAL if task.augment_dihedral else 1) * (362880 if task.augment_colours else 1))
     chosen, seen = [], set()
     candidates = [identity]
     attempts = 0
     while len(chosen) < count and attempts < 10 * count:
         t, colours = candidates.pop() if candidates else (int(rng.integers(NUM_DIHEDRAL)), random_colour_permutation(rng))
+        t = t if task.augment_dihedral else 0
+        colours = colours if task.augment_colours else identity[1]
         attempts += 1
         key = hashlib.blake2b(digest_size=16)
         for p in task.demos + task.tests:
@@ -193,6 +210,14 @@ class _SplitWriter:
         (folder / "dataset.json").write_text(json.dumps(metadata, indent=2))
 
 
+def _load(source: str, options: BuildOptions) -> list[ArcTask]:
+    if source.startswith(SOURCE_PREFIX):
+        if options.families is None:
+            raise ArcDataError(f"source {source!r} needs the family options (data.families; data=families sets them)")
+        return generate(source[len(SOURCE_PREFIX) :], options.families, options.max_grid_size)
+    return load_source(source)
+
+
 def _test_input_keys(task: ArcTask) -> set[bytes]:
     return {bytes(p.input.shape) + p.input.tobytes() for p in task.tests}
 
@@ -204,8 +229,10 @@ def build_dataset(options: BuildOptions, out_dir: str | Path, log=print) -> dict
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists")
     size = options.max_grid_size
-    train_all = [t for s in options.train_sources for t in load_source(s)]
-    eval_all = [t for s in options.eval_sources for t in load_source(s)]
+    loaded = {s: _load(s, options) for s in dict.fromkeys(options.train_sources + options.eval_sources)}
+    train_all = [t for s in options.train_sources for t in loaded[s]]
+    eval_all = [t for s in options.eval_sources for t in loaded[s]]
+    source_of = {t.name: s for s, ts in loaded.items() for t in ts}
     for tasks, what in ((train_all, "training"), (eval_all, "evaluation")):
         names = [t.name for t in tasks]
         if len(set(names)) != len(names):
@@ -248,8 +275,9 @@ def build_dataset(options: BuildOptions, out_dir: str | Path, log=print) -> dict
 
     info = {
         "format_version": FORMAT_VERSION,
-        "options": options.model_dump(),
+        "options": options.identity(),
         "tasks": [t.name for t in tasks],
+        "task_sources": [source_of[t.name] for t in tasks],
         "num_train_tasks": len(train_tasks),
         "num_eval_tasks": len(eval_tasks),
         "skipped_too_large": {"train": train_skipped, "eval": eval_skipped},
@@ -293,8 +321,8 @@ def ensure_dataset(options: BuildOptions, path: str | Path, log=print) -> Path:
         stored = json.loads(info_file.read_text())
         if stored.get("format_version") != FORMAT_VERSION:
             raise ArcDataError(f"{path} was built by another format version; delete it to rebuild")
-        if stored["options"] != options.model_dump():
-            diff = {k: (v, options.model_dump()[k]) for k, v in stored["options"].items() if options.model_dump().get(k) != v}
+        if stored["options"] != options.identity():
+            diff = {k: (v, options.identity().get(k)) for k, v in stored["options"].items() if options.identity().get(k) != v}
             raise ArcDataError(f"{path} was built with other options (stored, requested): {diff}")
     return path
 

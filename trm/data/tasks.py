@@ -45,6 +45,10 @@ class ArcTask:
     name: str  # unique within a build: "<source>:<task id>"
     demos: tuple[Pair, ...]  # the task's demonstration ("train") pairs
     tests: tuple[Pair, ...]  # the task's test pairs, answers included
+    # Which augmentations keep the task what it is. A generated task whose parameter is held out
+    # along an axis that an augmentation moves (a colour pair, a direction) forbids that one.
+    augment_dihedral: bool = True
+    augment_colours: bool = True
 
     @property
     def max_side(self) -> int:
