@@ -5,6 +5,10 @@ Shapes: demo_inputs, demo_labels (B, D, L) tokens with L = grid_size^2; demo_mas
 A pair's sequence is its input cells then its output cells (2L tokens, plus a CLS token with CLS
 pooling); each cell embeds colour + row + column + channel (input / output). PAD cells are masked
 in attention and pooling; absent demonstrations are never encoded.
+
+A sample without any demonstration (the empty task, which the null-context evaluation uses) gets a
+defined, finite context: its demonstration vectors are all zero and masked, so ``standard``'s
+queries attend to nothing (their own values stay) and the LPN encoders map the zero mean.
 """
 
 from __future__ import annotations

@@ -230,3 +230,140 @@ def test_two_ranks_give_the_metrics_of_one(hand_split, tmp_path):
         assert p.exitcode == 0
     for r in range(2):
         assert json.loads((tmp_path / f"rank{r}.json").read_text()) == pytest.approx(one)
+
+
+def test_wrong_contexts_are_a_derangement_across_tasks(hand_split):
+    from trm.evaluate import wrong_contexts
+
+    every = np.arange(hand_split.num_examples)
+    own = hand_split.example_task(every)
+    mappings = set()
+    for seed in range(8):
+        donors = wrong_contexts(hand_split, every, seed)
+        np.testing.assert_array_equal(donors, wrong_contexts(hand_split, every, seed))  # deterministic
+        theirs = hand_split.example_task(donors)
+        assert (theirs != own).all()  # nobody keeps its own task's context
+        # A permutation of tasks: every task gives its context to exactly one other task.
+        task_map = {int(a): int(b) for a, b in zip(own, theirs)}
+        assert len(task_map) == 3 and sorted(task_map.values()) == sorted(task_map)
+        assert all((theirs[own == a] == b).all() for a, b in task_map.items())
+        # Donor examples spread over the donor task's examples.
+        for task in task_map:
+            assert len(set(donors[own == task])) == min((own == task).sum(), (own == task_map[task]).sum())
+        mappings.add(tuple(sorted(task_map.items())))
+    assert len(mappings) == 2  # both derangements of three tasks are drawn
+    # Donors come from the examples evaluated; one task alone has no other to take from.
+    some = np.concatenate([examples_of(hand_split, "b"), examples_of(hand_split, "c")])
+    assert set(wrong_contexts(hand_split, some, 0)) <= set(some)
+    assert wrong_contexts(hand_split, examples_of(hand_split, "a"), 0) is None
+
+
+def test_a_batch_takes_the_context_of_other_examples_or_of_the_empty_task(hand_split):
+    idx = np.array([0, 6, 9])
+    donors = np.array([9, -1, 0])
+    own, swapped = hand_split.batch(idx, True), hand_split.batch(idx, True, donors)
+    other = hand_split.batch(np.array([9, 9, 0]), True)
+    for key in ("inputs", "labels", "task_ids"):
+        assert torch.equal(swapped[key], own[key])
+    for key in ("puzzle_identifiers", "demo_inputs", "demo_labels", "demo_mask"):
+        assert torch.equal(swapped[key][[0, 2]], other[key][[0, 2]])
+    assert swapped["puzzle_identifiers"][1] == hand_split.meta["blank_identifier_id"] == 0
+    assert not swapped["demo_mask"][1].any() and (swapped["demo_inputs"][1] == 0).all()
+
+
+class ContextReader(Oracle):
+    """Right exactly when its conditioning (the puzzle id it was given) belongs to the example's
+    own task, or, with ``blank_is_right``, when it is the empty task's: a model that reads its
+    context and nothing else."""
+
+    def __init__(self, split, blank_is_right=False):
+        super().__init__(split, np.arange(0))
+        self.task_of_id = dict(zip(split.puzzle_identifiers.tolist(), split.puzzle_task.tolist()))
+        self.blank_is_right = blank_is_right
+
+    def conditioner(self, batch):
+        return batch["puzzle_identifiers"]
+
+    def forward(self, carry, batch, conditioning):
+        labels = batch["labels"].clamp_min(0)
+        ok = torch.tensor([self.task_of_id.get(int(i), -1) for i in conditioning]) == batch["task_ids"]
+        ok |= self.blank_is_right & (conditioning == 0)
+        logits = torch.nn.functional.one_hot(torch.where(ok[:, None], labels, (labels + 1) % 12), 12).float()
+        return carry, SimpleNamespace(logits=logits, q_halt=torch.ones(len(labels)))
+
+
+def reliance_metrics(model, split, with_demos=False):
+    return evaluate_split(model, split, np.arange(split.num_examples), local_batch_size=5, device=torch.device("cpu"),
+                          autocast=contextlib.nullcontext, with_demos=with_demos, vote=False, ks=[1], prefix="test",
+                          reliance=True)  # fmt: skip
+
+
+def test_reliance_of_a_model_that_reads_its_context(hand_split):
+    m = reliance_metrics(ContextReader(hand_split), hand_split)
+    assert m["eval/test/exact_accuracy"] == 1.0 and m["eval/test/accuracy"] == 1.0
+    assert m["eval/test/exact_accuracy_wrong_context"] == 0.0 and m["eval/test/exact_accuracy_null_context"] == 0.0
+    assert m["eval/test/context_reliance"] == 1.0 and m["eval/test/token_context_reliance"] == 1.0
+    # Reliance compares with the wrong context, not the empty one.
+    m = reliance_metrics(ContextReader(hand_split, blank_is_right=True), hand_split)
+    assert m["eval/test/exact_accuracy_null_context"] == 1.0 and m["eval/test/context_reliance"] == 1.0
+
+
+@pytest.mark.parametrize("conditioner", ["puzzle_embedding", "standard"])
+def test_reliance_is_zero_when_the_core_ignores_its_context(hand_split, conditioner):
+    """A real model whose core zeroes its context scores the same with the right, a wrong and the
+    empty context; the same model reading its context does not (the test can tell them apart)."""
+    from encoders.config import EncoderArchConfig, EncoderTrainConfig
+    from trm.config import ArchConfig, TrainConfig
+    from trm.train import build_model
+
+    small = dict(hidden_size=32, num_heads=2, L_layers=1, H_cycles=1, L_cycles=1, puzzle_emb_len=2, halt_max_steps=2)
+    if conditioner == "puzzle_embedding":
+        cfg = TrainConfig(arch=ArchConfig(**small))
+    else:
+        cfg = EncoderTrainConfig(arch=EncoderArchConfig(**small, encoder_num_layers=1))
+    torch.manual_seed(0)
+    model = build_model(cfg, hand_split.meta)
+    if conditioner == "puzzle_embedding":
+        model.conditioner.weight.normal_()  # the table starts at zero: give each puzzle its own vector
+    with_demos = conditioner != "puzzle_embedding"
+    reads = reliance_metrics(model, hand_split, with_demos)
+    forward = model.core.forward
+    model.core.forward = lambda z_H, z_L, inputs, context: forward(z_H, z_L, inputs, context * 0)
+    ignores = reliance_metrics(model, hand_split, with_demos)
+    for kind in ("accuracy", "exact_accuracy"):
+        right = ignores[f"eval/test/{kind}"]
+        assert ignores[f"eval/test/{kind}_wrong_context"] == right == ignores[f"eval/test/{kind}_null_context"]
+    assert ignores["eval/test/context_reliance"] == ignores["eval/test/token_context_reliance"] == 0.0
+    assert reads["eval/test/accuracy_wrong_context"] != reads["eval/test/accuracy"]
+    assert reads["eval/test/accuracy_null_context"] != reads["eval/test/accuracy"]
+
+
+def test_each_evaluation_set_of_a_family_benchmark_is_scored_on_its_own(tmp_path):
+    """Two test sets (held-out combinations, held-out families): each gets its eval/<set>/ metrics
+    and ARC/<set>/pass@k; ARC/pass@k averages all their tasks; eval/train covers train_groups tasks."""
+    from trm.config import EvalConfig
+    from trm.data.build import BuildOptions, build_dataset
+    from trm.data.families import FamilyOptions
+    from trm.evaluate import evaluate_model
+
+    families = FamilyOptions(names=["recolour", "translate", "outline"], heldout_families=["outline"], train_tasks=12,
+                             eval_tasks=3, max_grid_size=5)  # fmt: skip
+    options = BuildOptions(train_sources=["families/train"], eval_sources=["families/unseen_params", "families/unseen_families"],
+                           split="heldout", max_grid_size=5, num_augmentations=2, families=families)  # fmt: skip
+    build_dataset(options, tmp_path / "data", log=lambda *_: None)
+    train, test = ArcSplit(tmp_path / "data", "train"), ArcSplit(tmp_path / "data", "test")
+    unseen_params = np.flatnonzero(np.asarray(test.task_sources)[test.example_task(np.arange(test.num_examples))]
+                                   == "families/unseen_params")  # fmt: skip
+    model = Oracle(test, unseen_params)  # right on every held-out combination, wrong on held-out families
+    cfg = EvalConfig(pass_ks=[1, 2], train_groups=5, reliance=False)
+    m = evaluate_model(model, train, test, cfg, seed=0, local_batch_size=4, device=torch.device("cpu"),
+                       autocast=contextlib.nullcontext, with_demos=False)  # fmt: skip
+    assert m["eval/unseen_params/tasks"] == m["eval/unseen_families/tasks"] == 3
+    assert m["ARC/unseen_params/pass@1"] == 1.0 and m["eval/unseen_params/exact_accuracy"] == 1.0
+    assert m["ARC/unseen_families/pass@1"] == 0.0 and m["eval/unseen_families/exact_accuracy"] == 0.0
+    assert m["ARC/pass@1"] == 0.5 and "eval/test/exact_accuracy" not in m
+    assert m["eval/unseen_params/examples"] + m["eval/unseen_families/examples"] == test.num_examples
+    assert train.num_groups == 12
+    five = [0, 3, 6, 8, 11]  # 5 of 12 spread evenly: 0, 2.75, 5.5, 8.25, 11 rounded
+    expected = sum(train.puzzle_indices[train.group_indices[g + 1]] - train.puzzle_indices[train.group_indices[g]] for g in five)
+    assert m["eval/train/examples"] == expected

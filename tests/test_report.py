@@ -24,3 +24,31 @@ def test_decision_tree_branches():
     assert "REDESIGN" in decide(runs(**every))[-1]
     # The best of several seeds counts.
     assert "SUCCESS" in decide(runs(E0v2=0.96) + runs(E1v2=0.2) + runs(E1v2=0.91))[-1]
+
+
+def test_a_success_without_context_reliance_is_flagged():
+    ok = runs(E0v2=0.96, E1v2=0.95)
+    ok[1]["eval/train/context_reliance"] = 0.6
+    assert "SUCCESS" in decide(ok)[-1] and "does not show" not in decide(ok)[-1]
+    ok[1]["eval/train/context_reliance"] = 0.02
+    verdict = decide(ok)[-1]
+    assert "SUCCESS" in verdict and "E1v2's context reliance is +0.02" in verdict
+    frozen = runs(E0v2=0.96, E1v2=0.1, E_diag1=0.95)
+    frozen[2]["eval/train/context_reliance"] = 0.0
+    assert "E_diag1's context reliance is +0.00" in decide(frozen)[-1]
+    frozen[2]["eval/train/context_reliance"] = 0.5
+    assert "does not show" not in decide(frozen)[-1]
+
+
+def test_table_shows_reliance_and_each_test_set():
+    from report import table
+
+    run = {"name": "r", "experiment": "E1v2_families", "preset": "cpu_families", "seed": 0,
+           "eval/train/exact_accuracy": 0.9, "eval/train/exact_accuracy_wrong_context": 0.25,
+           "eval/train/context_reliance": 0.65, "ARC/unseen_params/pass@2": 0.8, "eval/unseen_params/context_reliance": 0.7,
+           "ARC/unseen_families/pass@2": 0.0}  # fmt: skip
+    head, _, row = ([c.strip() for c in line.strip("|").split("|")] for line in table([run]).splitlines())
+    cells = dict(zip(head, row))
+    assert cells["train reliance"] == "+0.65" and cells["train exact, wrong context"] == "25.0%"
+    assert cells["unseen_params pass@2"] == "80.0%" and cells["unseen_families pass@2"] == "0.0%"
+    assert cells["unseen_params reliance"] == "+0.70" and "unseen_families exact" not in cells  # no run has it

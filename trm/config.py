@@ -74,8 +74,13 @@ class EvalConfig(Strict):
     on_train: bool = Field(True, description="also evaluate the training examples (eval/train/...)")
     train_augmentations: int | None = Field(
         None, ge=1, description="augmented versions per task evaluated on train (None: all)")
+    train_groups: int | None = Field(
+        None, ge=1, description="training tasks evaluated, spread evenly over the split (None: all)")
     test_augmentations: int | None = Field(None, ge=1, description="augmented versions voted on test (None: all)")
     pass_ks: list[int] = Field(default_factory=lambda: [1, 2, 5, 10, 100, 1000])
+    reliance: bool = Field(
+        True, description="also evaluate every example with another task's context and with the empty "
+        "task's (..._wrong_context, ..._null_context, context_reliance): two more passes")
 
 
 class WandbConfig(Strict):

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from trm.config import EvalConfig
 from trm.data.dataset import ArcSplit
 from trm.data.grids import decode_grid, inverse_augment
 
@@ -26,13 +28,16 @@ def grid_key(grid: np.ndarray) -> bytes:
     return bytes(grid.shape) + grid.tobytes()
 
 
-def select_examples(split: ArcSplit, augmentations: int | None) -> np.ndarray:
-    """Examples of the first ``augmentations`` puzzles of every group (the original first); all
-    examples when None."""
-    if augmentations is None:
-        return np.arange(split.num_examples)
-    first = split.group_indices[:-1]
-    last = np.minimum(first + augmentations, split.group_indices[1:])
+def select_examples(split: ArcSplit, augmentations: int | None, groups: int | None = None) -> np.ndarray:
+    """Examples of the first ``augmentations`` puzzles (the original first) of ``groups`` groups
+    spread evenly over the split (every group when None); all versions when ``augmentations`` is None."""
+    chosen = np.arange(split.num_groups)
+    if groups is not None and groups < split.num_groups:
+        chosen = np.unique(np.linspace(0, split.num_groups - 1, groups).round().astype(np.int64))
+    first = split.group_indices[chosen]
+    last = split.group_indices[chosen + 1]
+    if augmentations is not None:
+        last = np.minimum(first + augmentations, last)
     keep = np.zeros(len(split.puzzle_identifiers), bool)
     for a, b in zip(first, last):
         keep[a:b] = True
@@ -66,8 +71,8 @@ def _vote_records(split: ArcSplit, idx: np.ndarray, preds: np.ndarray, q_halt: n
     return out
 
 
-def pass_at_k(predictions: list[Prediction], ks: list[int]) -> dict[str, float]:
-    """ARC/pass@k over the tasks present in ``predictions``."""
+def pass_at_k(predictions: list[Prediction], ks: list[int], prefix: str = "ARC") -> dict[str, float]:
+    """<prefix>/pass@k over the tasks present in ``predictions``."""
     votes: dict[tuple[int, int], dict[bytes, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0, 0.0]))
     answers: dict[tuple[int, int], bytes] = {}
     for p in predictions:
@@ -81,32 +86,52 @@ def pass_at_k(predictions: list[Prediction], ks: list[int]) -> dict[str, float]:
         rank = next((r for r, (g, _) in enumerate(ranked) if g == answer), None)
         per_task[task].append(np.array([rank is not None and rank < k for k in ks], float))
     if not per_task:
-        return {f"ARC/pass@{k}": 0.0 for k in ks}
+        return {f"{prefix}/pass@{k}": 0.0 for k in ks}
     scores = np.mean([np.mean(pairs, axis=0) for pairs in per_task.values()], axis=0)
-    return {f"ARC/pass@{k}": float(s) for k, s in zip(ks, scores)}
+    return {f"{prefix}/pass@{k}": float(s) for k, s in zip(ks, scores)}
 
 
-@torch.no_grad()
-def evaluate_split(model, split: ArcSplit, indices: np.ndarray, local_batch_size: int, device: torch.device,
-                   autocast, with_demos: bool, vote: bool, ks: list[int], prefix: str) -> dict[str, float]:
-    """Evaluate ``indices`` of ``split``, sharded across ranks; returns metrics on every rank.
+def wrong_contexts(split: ArcSplit, indices: np.ndarray, seed: int) -> np.ndarray | None:
+    """For each example of ``indices``, an example of another task of ``indices`` whose context
+    (puzzle id, demonstrations) it is evaluated with; None when fewer than two tasks are evaluated.
 
-    eval/<prefix>/accuracy: mean token accuracy and eval/<prefix>/exact_accuracy: fraction of examples
-    entirely right, both after all halt_max_steps; eval/<prefix>/exact_accuracy_at_halt: the same
-    for the prediction of the first step whose q_halt > 0 (the last step if none), as ACT would
-    stop; eval/<prefix>/examples; and with ``vote``: ARC/pass@k (on the full-step predictions).
+    The tasks, in a random order drawn from ``seed``, each take the context of the next one
+    (the last that of the first): a cyclic shift, so no task keeps its own (a derangement). The
+    k-th example of a task takes the (k mod n)-th of the n examples of its donor task, so augmented
+    versions and pairs spread over the donor's examples.
     """
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    shard = np.array_split(indices, world)[rank]
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # token accuracy, exact, exact at halt, count
+    tasks = split.example_task(indices)
+    unique, task_of = np.unique(tasks, return_inverse=True)
+    n = len(unique)
+    if n < 2:
+        return None
+    order = np.random.default_rng([seed, 7]).permutation(n)
+    donor_task = np.empty(n, np.int64)
+    donor_task[order] = np.roll(order, -1)
+    by_task = np.argsort(task_of, kind="stable")  # positions grouped by task, in order
+    counts = np.bincount(task_of, minlength=n)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank_in_task = np.empty(len(indices), np.int64)
+    rank_in_task[by_task] = np.arange(len(indices)) - starts[task_of[by_task]]
+    donors = donor_task[task_of]
+    return np.asarray(indices)[by_task[starts[donors] + rank_in_task % counts[donors]]]
+
+
+def _run_examples(model, split: ArcSplit, indices: np.ndarray, context_from: np.ndarray | None, local_batch_size: int,
+                  device, autocast, with_demos: bool, keep_records: bool) -> tuple[torch.Tensor, list[Prediction]]:
+    """Sums (token accuracy, exact, exact at halt, count) over ``indices`` on this rank, and the
+    vote records when ``keep_records``."""
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
     records: list[Prediction] = []
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(shard), local_batch_size):
-        idx = shard[start : start + local_batch_size]
+    for start in range(0, len(indices), local_batch_size):
+        idx = indices[start : start + local_batch_size]
         # Pad to a fixed batch shape (compiled kernels see one shape); padded rows are dropped.
         padded = np.concatenate([idx, np.full(local_batch_size - len(idx), idx[-1])])
-        batch = {k: v.to(device, non_blocking=True) for k, v in split.batch(padded, with_demos).items()}
+        ctx = None
+        if context_from is not None:
+            ctx = context_from[start : start + local_batch_size]
+            ctx = np.concatenate([ctx, np.full(local_batch_size - len(ctx), ctx[-1])])
+        batch = {k: v.to(device, non_blocking=True) for k, v in split.batch(padded, with_demos, ctx).items()}
         with autocast():
             carry = model.initial_carry(batch)
             conditioning = model.conditioner(batch)
@@ -126,23 +151,111 @@ def evaluate_split(model, split: ArcSplit, indices: np.ndarray, local_batch_size
         exact_at_halt = ((mask & (at_halt == labels)).sum(-1) == counts).sum()
         sums += torch.stack([(correct / counts.clamp_min(1)).sum(), (correct == counts).sum(), exact_at_halt,
                              torch.tensor(n, device=device)])  # fmt: skip
-        if vote:
+        if keep_records:
             records += _vote_records(split, idx, preds.to(torch.uint8).cpu().numpy(), out.q_halt[:n].float().cpu().numpy())
+    return sums, records
+
+
+@torch.no_grad()
+def evaluate_split(model, split: ArcSplit, indices: np.ndarray, local_batch_size: int, device: torch.device,
+                   autocast, with_demos: bool, vote: bool, ks: list[int], prefix: str, reliance: bool = False,
+                   seed: int = 0, arc_prefix: str = "ARC") -> dict[str, float]:  # fmt: skip
+    """Evaluate ``indices`` of ``split``, sharded across ranks; returns metrics on every rank.
+
+    eval/<prefix>/accuracy: mean token accuracy and eval/<prefix>/exact_accuracy: fraction of examples
+    entirely right, both after all halt_max_steps; eval/<prefix>/exact_accuracy_at_halt: the same
+    for the prediction of the first step whose q_halt > 0 (the last step if none), as ACT would
+    stop; eval/<prefix>/examples; and with ``vote``: <arc_prefix>/pass@k (on the full-step
+    predictions) and eval/<prefix>/tasks.
+
+    With ``reliance``, two more passes over the same examples measure how much the model relies on
+    its task context: every example evaluated with the context of another task
+    (:func:`wrong_contexts`; ..._wrong_context) and with the empty task's (blank puzzle id, no
+    demonstrations; ..._null_context), giving eval/<prefix>/{accuracy,exact_accuracy}_{wrong,null}_context,
+    eval/<prefix>/context_reliance (exact accuracy minus its wrong-context value) and
+    eval/<prefix>/token_context_reliance (likewise for token accuracy).
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    indices = np.asarray(indices)
+    passes: dict[str, np.ndarray | None] = {"": None}
+    if reliance:
+        wrong = wrong_contexts(split, indices, seed)
+        if wrong is not None:
+            passes["_wrong_context"] = wrong
+        passes["_null_context"] = np.full(len(indices), -1)
+    mine = np.array_split(np.arange(len(indices)), world)[rank]  # this rank's positions
+    was_training = model.training
+    model.eval()
+    sums, records = [], []
+    for suffix, context_from in passes.items():
+        part, recs = _run_examples(model, split, indices[mine], None if context_from is None else context_from[mine],
+                                   local_batch_size, device, autocast, with_demos, keep_records=vote and not suffix)  # fmt: skip
+        sums.append(part)
+        records += recs
     model.train(was_training)
+    sums = torch.stack(sums)
     if world > 1:
         dist.all_reduce(sums)
         if vote:
             gathered: list[list[Prediction]] = [None] * world  # type: ignore[list-item]
             dist.all_gather_object(gathered, records)
             records = [r for part in gathered for r in part]
-    token_acc, exact, exact_at_halt, count = sums.tolist()
-    metrics = {
-        f"eval/{prefix}/accuracy": token_acc / max(count, 1),
-        f"eval/{prefix}/exact_accuracy": exact / max(count, 1),
-        f"eval/{prefix}/exact_accuracy_at_halt": exact_at_halt / max(count, 1),
-        f"eval/{prefix}/examples": count,
-    }
+    metrics = {}
+    for suffix, (token_acc, exact, exact_at_halt, count) in zip(passes, sums.tolist()):
+        metrics[f"eval/{prefix}/accuracy{suffix}"] = token_acc / max(count, 1)
+        metrics[f"eval/{prefix}/exact_accuracy{suffix}"] = exact / max(count, 1)
+        if not suffix:
+            metrics[f"eval/{prefix}/exact_accuracy_at_halt"] = exact_at_halt / max(count, 1)
+            metrics[f"eval/{prefix}/examples"] = count
+    if "_wrong_context" in passes:
+        right, wrong = (f"eval/{prefix}/exact_accuracy", f"eval/{prefix}/exact_accuracy_wrong_context")
+        metrics[f"eval/{prefix}/context_reliance"] = metrics[right] - metrics[wrong]
+        metrics[f"eval/{prefix}/token_context_reliance"] = (
+            metrics[f"eval/{prefix}/accuracy"] - metrics[f"eval/{prefix}/accuracy_wrong_context"])
     if vote:
-        metrics.update(pass_at_k(records, ks))
+        metrics.update(pass_at_k(records, ks, arc_prefix))
         metrics[f"eval/{prefix}/tasks"] = float(len({r.task for r in records}))
+    return metrics
+
+
+def evaluation_sets(split: ArcSplit) -> dict[str, np.ndarray]:
+    """The test split's examples by the source their task came from, named by the source's last
+    part (``families/unseen_params`` -> ``unseen_params``); one set, ``test``, when all tasks
+    share a source (ARC)."""
+    everything = {"test": np.arange(split.num_examples)}
+    if not split.task_sources or split.num_examples == 0:
+        return everything
+    source_of_example = np.asarray(split.task_sources)[split.example_task(np.arange(split.num_examples))]
+    sources = list(dict.fromkeys(source_of_example))
+    if len(sources) < 2:
+        return everything
+    names = [Path(s).name or s for s in sources]
+    if len(set(names)) < len(names):
+        names = [f"set{i}" for i in range(len(sources))]
+    return {name: np.flatnonzero(source_of_example == s) for name, s in zip(names, sources)}
+
+
+def evaluate_model(model, train_split: ArcSplit, test_split: ArcSplit, cfg: EvalConfig, seed: int,
+                   local_batch_size: int, device: torch.device, autocast, with_demos: bool) -> dict[str, float]:  # fmt: skip
+    """Every evaluation of a run: the training examples (eval/train/..., no voting) and each set of
+    the test split (eval/test/... and ARC/pass@k for one set; eval/<set>/... and ARC/<set>/pass@k
+    for several, ARC/pass@k then averaging all their tasks)."""
+    common = dict(local_batch_size=local_batch_size, device=device, autocast=autocast, with_demos=with_demos,
+                  ks=cfg.pass_ks, reliance=cfg.reliance, seed=seed)  # fmt: skip
+    metrics: dict[str, float] = {}
+    if cfg.on_train:
+        idx = select_examples(train_split, cfg.train_augmentations, cfg.train_groups)
+        metrics.update(evaluate_split(model, train_split, idx, vote=False, prefix="train", **common))
+    if not test_split.num_examples:
+        return metrics
+    sets = evaluation_sets(test_split)
+    chosen = select_examples(test_split, cfg.test_augmentations)
+    for name, examples in sets.items():
+        arc = "ARC" if len(sets) == 1 else f"ARC/{name}"
+        metrics.update(evaluate_split(model, test_split, np.intersect1d(chosen, examples), vote=True, prefix=name,
+                                      arc_prefix=arc, **common))  # fmt: skip
+    if len(sets) > 1:  # every test task counts once
+        tasks = {name: metrics[f"eval/{name}/tasks"] for name in sets}
+        for k in cfg.pass_ks:
+            metrics[f"ARC/pass@{k}"] = sum(metrics[f"ARC/{n}/pass@{k}"] * t for n, t in tasks.items()) / sum(tasks.values())
     return metrics

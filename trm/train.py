@@ -28,7 +28,7 @@ from trm.data.build import ensure_dataset, wait_for_dataset
 from trm.data.dataset import ArcSplit, EpochSampler
 from trm.distributed import DistEnv, all_reduce_sum_, barrier, broadcast_object, setup, teardown
 from trm.ema import EMA
-from trm.evaluate import evaluate_split, select_examples
+from trm.evaluate import evaluate_model
 from trm.logger import RunLogger
 from trm.losses import act_loss
 from trm.model.conditioning import CONDITIONERS, PuzzleEmbedding
@@ -287,17 +287,9 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
         checkpoint.save(run_dir / "checkpoints", step, shared, own, env)
 
     def evaluate() -> dict[str, float]:
-        kwargs = dict(local_batch_size=plan.local_eval_batch_size, device=env.device, autocast=autocast,
-                      with_demos=needs_demos, ks=cfg.eval.pass_ks)  # fmt: skip
-        metrics = {}
         with ema.applied() if ema is not None else contextlib.nullcontext():
-            if cfg.eval.on_train:
-                idx = select_examples(train_split, cfg.eval.train_augmentations)
-                metrics.update(evaluate_split(model, train_split, idx, vote=False, prefix="train", **kwargs))
-            if test_split.num_examples:
-                idx = select_examples(test_split, cfg.eval.test_augmentations)
-                metrics.update(evaluate_split(model, test_split, idx, vote=True, prefix="test", **kwargs))
-        return metrics
+            return evaluate_model(model, train_split, test_split, cfg.eval, cfg.seed, plan.local_eval_batch_size,
+                                  env.device, autocast, needs_demos)  # fmt: skip
 
     window, last_train, last_eval = MetricWindow(), {}, {}
     start, start_step = time.perf_counter(), step

@@ -18,7 +18,9 @@ class ArcSplit:
         folder = Path(dataset_dir) / split
         self.name = split
         self.meta = json.loads((folder / "dataset.json").read_text())
-        self.tasks: list[str] = json.loads((Path(dataset_dir) / "build.json").read_text())["tasks"]
+        info = json.loads((Path(dataset_dir) / "build.json").read_text())
+        self.tasks: list[str] = info["tasks"]
+        self.task_sources: list[str] | None = info.get("task_sources")  # the source of each task
         load = lambda n: np.load(folder / f"{n}.npy", mmap_mode="r")  # noqa: E731
         self.inputs, self.labels = load("inputs"), load("labels")
         self.demo_inputs, self.demo_labels = load("demo_inputs"), load("demo_labels")
@@ -57,23 +59,32 @@ class ArcSplit:
     def example_task(self, idx: np.ndarray) -> np.ndarray:
         return self.puzzle_task[self.example_puzzle[idx]]
 
-    def batch(self, idx: np.ndarray, with_demos: bool) -> dict[str, torch.Tensor]:
+    def batch(self, idx: np.ndarray, with_demos: bool, context_from: np.ndarray | None = None) -> dict[str, torch.Tensor]:
         """Tensors of examples ``idx`` (B,):
 
         inputs (B, L) int32 tokens; labels (B, L) int64, PAD cells set to -100 (ignored);
         puzzle_identifiers (B,) int32; task_ids (B,) int32 (the task, shared by its augmentations);
         with demos: demo_inputs, demo_labels (B, D, L) int32 tokens and demo_mask (B, D) bool.
+
+        ``context_from`` (B,) swaps what describes the task (the puzzle id and the demonstrations)
+        for that of other examples: row i gets example ``context_from[i]``'s, or, where it is -1,
+        the empty task's (the blank puzzle id 0 and no demonstration). Inputs, labels and task_ids
+        stay the examples' own.
         """
         idx = np.asarray(idx)
+        ctx = idx if context_from is None else np.asarray(context_from)
+        empty = ctx < 0
+        ctx = np.where(empty, 0, ctx)
         labels = torch.from_numpy(self.labels[idx].astype(np.int64))
+        puzzle_ids = np.where(empty, self.meta["blank_identifier_id"], self.puzzle_identifiers[self.example_puzzle[ctx]])
         batch = {
             "inputs": torch.from_numpy(self.inputs[idx].astype(np.int32)),
             "labels": labels.masked_fill_(labels == PAD_ID, IGNORE_LABEL_ID),
-            "puzzle_identifiers": torch.from_numpy(self.puzzle_identifiers[self.example_puzzle[idx]]),
+            "puzzle_identifiers": torch.from_numpy(puzzle_ids.astype(np.int32)),
             "task_ids": torch.from_numpy(self.example_task(idx)),
         }
         if with_demos:
-            rows = self.example_demos[idx]  # (B, D), -1 where absent
+            rows = np.where(empty[:, None], -1, self.example_demos[ctx])  # (B, D), -1 where absent
             mask = rows >= 0
             safe = np.where(mask, rows, 0)
             demo_in = np.where(mask[..., None], self.demo_inputs[safe], PAD_ID)
