@@ -2,9 +2,9 @@
 valid pairs only, per-pair pooling, and the final mapping to context tokens.
 
 Shapes: demo_inputs, demo_labels (B, D, L) tokens with L = grid_size^2; demo_mask (B, D).
-A pair's sequence is its input cells then its output cells (2L tokens, plus a CLS token with CLS
-pooling); each cell embeds colour + row + column + channel (input / output). PAD cells are masked
-in attention and pooling; absent demonstrations are never encoded.
+How a pair's cells become tokens is ``arch.encoder_pair_layout`` (:class:`PairEmbedding`), plus a
+CLS token with CLS pooling. PAD cells are masked in attention and pooling; absent demonstrations
+are never encoded.
 
 A sample without any demonstration (the empty task, which the null-context evaluation uses) gets a
 defined, finite context: its demonstration vectors are all zero and masked, so ``standard``'s
@@ -24,23 +24,42 @@ from trm.model.layers import Block, linear, rms_norm, trunc_normal_
 
 
 class PairEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, grid_size: int, dim: int):
+    """A demonstration pair's cells as tokens, in one of two layouts:
+
+    - ``sequence`` (the plan's and LPN's): the input's cells then the output's (2L tokens), each
+      colour + row + column + channel (input or output);
+    - ``overlay``: one token per canvas cell carrying both grids' colours there (input colour +
+      output colour, separate tables) + row + column (L tokens). A cell the task changes is then one
+      token whose embedding shows the change (a -> b), instead of two tokens the transformer must
+      first pair up by position; half the tokens, too.
+    """
+
+    def __init__(self, vocab_size: int, grid_size: int, dim: int, layout: str = "sequence"):
         super().__init__()
-        self.grid_size = grid_size
-        self.colour = nn.Embedding(vocab_size, dim)
+        self.grid_size, self.layout = grid_size, layout
+        self.colour = nn.Embedding(vocab_size, dim)  # sequence: both grids; overlay: the input's
         self.row = nn.Parameter(torch.empty(grid_size, dim))
         self.col = nn.Parameter(torch.empty(grid_size, dim))
-        self.channel = nn.Parameter(torch.empty(2, dim))
-        for w in (self.colour.weight, self.row, self.col, self.channel):
+        if layout == "overlay":
+            self.output_colour = nn.Embedding(vocab_size, dim)
+            extra = self.output_colour.weight
+        else:
+            self.channel = nn.Parameter(torch.empty(2, dim))
+            extra = self.channel
+        for w in (self.colour.weight, self.row, self.col, extra):
             trunc_normal_(w, 0.5)  # four terms: unit scale in sum
 
-    def forward(self, inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
-        """inputs, outputs: (N, L) tokens -> (N, 2L, dim)."""
+    def forward(self, inputs: torch.Tensor, outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """inputs, outputs: (N, L) tokens -> tokens (N, T, dim) and their mask (N, T), True where a
+        cell holds something (T = 2L for sequence, L for overlay)."""
         S = self.grid_size
         position = (self.row[:, None, :] + self.col[None, :, :]).reshape(S * S, -1)
+        if self.layout == "overlay":
+            x = self.colour(inputs) + self.output_colour(outputs) + position
+            return x, (inputs != PAD_ID) | (outputs != PAD_ID)
         x_in = self.colour(inputs) + position + self.channel[0]
         x_out = self.colour(outputs) + position + self.channel[1]
-        return torch.cat([x_in, x_out], dim=1)
+        return torch.cat([x_in, x_out], dim=1), torch.cat([inputs != PAD_ID, outputs != PAD_ID], dim=1)
 
 
 class DemoEncoder(Conditioner):
@@ -55,7 +74,7 @@ class DemoEncoder(Conditioner):
         d = arch.encoder_hidden_size or arch.hidden_size
         heads = arch.encoder_num_heads or arch.num_heads
         self.dim, self.heads = d, heads
-        self.embed = PairEmbedding(metadata["vocab_size"], metadata["grid_size"], d)
+        self.embed = PairEmbedding(metadata["vocab_size"], metadata["grid_size"], d, arch.encoder_pair_layout)
         self.pooling = POOLINGS.get_valid(arch.encoder_pooling_method)(d)
         self.blocks = nn.ModuleList(
             Block(d, heads, arch.expansion, post_norm=False, eps=arch.rms_norm_eps)
@@ -80,8 +99,7 @@ class DemoEncoder(Conditioner):
         index = demo_mask.flatten().nonzero().squeeze(-1)
         inputs = demo_inputs.flatten(0, 1)[index]
         outputs = demo_labels.flatten(0, 1)[index]
-        x = self.embed(inputs, outputs)
-        cells = torch.cat([inputs != PAD_ID, outputs != PAD_ID], dim=1)
+        x, cells = self.embed(inputs, outputs)
         x, cells = self.pooling.prepend(x, cells)
         for block in self.blocks:
             x = block(x, key_mask=cells)
@@ -96,10 +114,14 @@ class DemoEncoder(Conditioner):
         return demo_mask & (demo_mask.cumsum(dim=1) <= self.arch.num_demos)
 
     def context_from(self, vector: torch.Tensor) -> torch.Tensor:
-        """(B, d) task vector -> (B, puzzle_emb_len, hidden) context at the scale of the token
-        embeddings (unit RMS per position)."""
+        """(B, d) task vector -> (B, puzzle_emb_len, hidden) context."""
         B = vector.shape[0]
-        return rms_norm(self.to_context(vector).view(B, self.arch.puzzle_emb_len, self.arch.hidden_size))
+        return self.scaled(self.to_context(vector).view(B, self.arch.puzzle_emb_len, self.arch.hidden_size))
+
+    def scaled(self, context: torch.Tensor) -> torch.Tensor:
+        """Context tokens at RMS ``encoder_context_scale`` per position (1: the token embeddings'
+        scale; the puzzle embedding's learned vectors grow well past it)."""
+        return self.arch.encoder_context_scale * rms_norm(context)
 
     def aggregate(self, pairs: torch.Tensor, mask: torch.Tensor) -> Conditioning:
         """pairs: (B, D, d) demonstration vectors; mask: (B, D) -> context and extras."""
@@ -116,7 +138,7 @@ class DemoEncoder(Conditioner):
         out = self.aggregate(pairs, mask)
         if self.arch.identity_target_weight > 0:
             # The plan's identity-encoder test: can the encoder pass known embeddings through?
-            target = self.puzzle_code(batch["puzzle_identifiers"])
+            target = self.arch.encoder_context_scale * self.puzzle_code(batch["puzzle_identifiers"])
             mse = (out.context[:, 0].float() - target).square().mean(-1)  # (B,)
             n = torch.tensor(float(mse.shape[0]), device=mse.device)
             out.aux_losses["identity_loss"] = self.arch.identity_target_weight * mse.sum()

@@ -4,6 +4,8 @@ keys, named as in the experiment plan (``arch.encoder_type``, ``arch.encoder_poo
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 
 from trm.config import ArchConfig, TrainConfig
@@ -27,6 +29,12 @@ class EncoderArchConfig(ArchConfig):
     encoder_hidden_size: int | None = Field(None, ge=8, description="encoder width (None: hidden_size)")
     encoder_num_heads: int | None = Field(None, ge=1, description="None: num_heads")
     encoder_set_layers: int = Field(2, ge=1, description="layers of the set transformer across demonstrations")
+    encoder_pair_layout: Literal["sequence", "overlay"] = Field(
+        "sequence", description="a pair's tokens: input cells then output cells (sequence), or one token per "
+        "cell holding both colours (overlay)")
+    encoder_context_scale: float = Field(
+        1.0, gt=0, description="RMS of each context token the encoder gives the core (1: the scale of the "
+        "token embeddings)")
     freeze_encoder: bool = Field(False, description="keep the encoder at its random init, out of the optimiser")
     num_demos: int | None = Field(None, ge=1, description="demonstrations given to the encoder (None: all)")
     kl_weight: float = Field(1e-4, ge=0, description="weight of the KL term (variational encoders)")

@@ -36,4 +36,4 @@ class StandardEncoder(DemoEncoder):
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=keys)
         x = self.queries + self.out(attended.transpose(1, 2).reshape(B, -1, d))
         x = x + self.mlp(rms_norm(x))
-        return Conditioning(rms_norm(self.to_context(x)))
+        return Conditioning(self.scaled(self.to_context(x)))

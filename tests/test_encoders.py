@@ -15,7 +15,8 @@ from trm.train import Optimisers, build_model, total_loss, train_step
 
 META = {"vocab_size": 12, "grid_size": 4, "seq_len": 16, "num_puzzle_identifiers": 10}
 B, D = 4, 5
-CASES = [(e, p) for e in sorted(ENCODERS) for p in sorted(POOLINGS)]
+LAYOUTS = ("sequence", "overlay")
+CASES = [(e, p, layout) for e in sorted(ENCODERS) for p in sorted(POOLINGS) for layout in LAYOUTS]
 
 
 def make_cfg(encoder, pooling, **arch):
@@ -51,12 +52,12 @@ def make_batch(seed=0, valid=(3, 1, 5, 2)):
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("encoder,pooling", CASES)
+@pytest.mark.parametrize("encoder,pooling,layout", CASES)
 @pytest.mark.parametrize("valid", [(1, 1, 1, 1), (0, 2, 0, 1), (0, 0, 0, 0)])
-def test_few_or_no_demonstrations_give_finite_contexts_losses_and_gradients(encoder, pooling, valid):
+def test_few_or_no_demonstrations_give_finite_contexts_losses_and_gradients(encoder, pooling, layout, valid):
     """One demonstration, some samples with none, a batch with none: the context, the loss of a
     real training step, every gradient and every updated weight stay finite."""
-    cfg = make_cfg(encoder, pooling)
+    cfg = make_cfg(encoder, pooling, encoder_pair_layout=layout)
     model = make_model(cfg)
     batch = make_batch(valid=valid)
     cond = model.conditioner(batch)
@@ -72,12 +73,12 @@ def test_few_or_no_demonstrations_give_finite_contexts_losses_and_gradients(enco
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("encoder,pooling", CASES)
-def test_every_encoder_weight_trains_on_continuing_act_steps(encoder, pooling):
+@pytest.mark.parametrize("encoder,pooling,layout", CASES)
+def test_every_encoder_weight_trains_on_continuing_act_steps(encoder, pooling, layout):
     """Two real training steps; the second runs on samples that continue from the first ACT step
     (nothing halts before halt_max_steps), so a cached or detached context would leave the encoder
     without gradient there. Gradients are caught as backward computes them."""
-    cfg = make_cfg(encoder, pooling)
+    cfg = make_cfg(encoder, pooling, encoder_pair_layout=layout)
     model = make_model(cfg)
     opt = Optimisers(cfg, model)
     plan = plan_run(cfg, examples_per_epoch=100, world_size=1)
@@ -117,9 +118,9 @@ def test_frozen_encoder_stays_at_its_init_and_out_of_the_optimiser(encoder):
     assert any(not torch.equal(a, b) for a, b in zip(core_init, model.core.parameters()))
 
 
-@pytest.mark.parametrize("encoder,pooling", CASES)
-def test_pad_cells_and_absent_demonstrations_do_not_change_the_context(encoder, pooling):
-    model = make_model(make_cfg(encoder, pooling)).eval()
+@pytest.mark.parametrize("encoder,pooling,layout", CASES)
+def test_pad_cells_and_absent_demonstrations_do_not_change_the_context(encoder, pooling, layout):
+    model = make_model(make_cfg(encoder, pooling, encoder_pair_layout=layout)).eval()
     batch = make_batch()
     with torch.no_grad():
         reference = model.conditioner(batch).context
@@ -133,12 +134,14 @@ def test_pad_cells_and_absent_demonstrations_do_not_change_the_context(encoder, 
         torch.testing.assert_close(model.conditioner(noisy).context, reference)
         # PAD cells given other content: a different PAD embedding.
         model.conditioner.embed.colour.weight[0].normal_()
+        if layout == "overlay":  # a cell PAD in both grids is masked; one grid's PAD alone is content
+            model.conditioner.embed.output_colour.weight[0].normal_()
         torch.testing.assert_close(model.conditioner(batch).context, reference)
 
 
-@pytest.mark.parametrize("encoder,pooling", CASES)
-def test_demonstration_order_does_not_matter(encoder, pooling):
-    model = make_model(make_cfg(encoder, pooling)).eval()
+@pytest.mark.parametrize("encoder,pooling,layout", CASES)
+def test_demonstration_order_does_not_matter(encoder, pooling, layout):
+    model = make_model(make_cfg(encoder, pooling, encoder_pair_layout=layout)).eval()
     batch = make_batch(valid=(5, 5, 5, 5))
     perm = torch.tensor([3, 0, 4, 1, 2])
     shuffled = {**batch, **{k: batch[k][:, perm] for k in ("demo_inputs", "demo_labels", "demo_mask")}}
@@ -254,3 +257,31 @@ def test_identity_diagnostic_pulls_the_context_toward_fixed_puzzle_codes():
     torch.testing.assert_close(cond.aux_losses["identity_loss"], 2.0 * mse)
     cond.aux_losses["identity_loss"].backward()
     assert enc.to_context.weight.grad.abs().sum() > 0
+
+
+def test_pair_layouts_by_hand():
+    """sequence: input cells then output cells, colour + row + column + channel; overlay: one token
+    per cell, input colour + output colour + row + column, masked where both grids are PAD."""
+    from encoders.base import PairEmbedding
+
+    torch.manual_seed(0)
+    inputs = torch.tensor([[3, 4, 0, 0]])  # 2x2 canvas: a 1x2 input
+    outputs = torch.tensor([[5, 0, 6, 0]])  # an output cell below the input: one grid's PAD only
+    seq = PairEmbedding(12, 2, 8, "sequence")
+    x, mask = seq(inputs, outputs)
+    assert x.shape == (1, 8, 8) and mask.tolist() == [[True, True, False, False, True, False, True, False]]
+    torch.testing.assert_close(x[0, 1], seq.colour.weight[4] + seq.row[0] + seq.col[1] + seq.channel[0])
+    torch.testing.assert_close(x[0, 6], seq.colour.weight[6] + seq.row[1] + seq.col[0] + seq.channel[1])
+    over = PairEmbedding(12, 2, 8, "overlay")
+    x, mask = over(inputs, outputs)
+    assert x.shape == (1, 4, 8) and mask.tolist() == [[True, True, True, False]]
+    torch.testing.assert_close(x[0, 0], over.colour.weight[3] + over.output_colour.weight[5] + over.row[0] + over.col[0])
+    torch.testing.assert_close(x[0, 2], over.colour.weight[0] + over.output_colour.weight[6] + over.row[1] + over.col[0])
+
+
+@pytest.mark.parametrize("encoder", sorted(ENCODERS))
+def test_context_tokens_have_the_configured_rms(encoder):
+    model = make_model(make_cfg(encoder, "mean", encoder_context_scale=3.0)).eval()
+    with torch.no_grad():
+        context = model.conditioner(make_batch()).context
+    torch.testing.assert_close(context.square().mean(-1).sqrt(), torch.full(context.shape[:2], 3.0), rtol=1e-4, atol=1e-4)
