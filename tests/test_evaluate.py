@@ -363,6 +363,17 @@ def test_each_evaluation_set_of_a_family_benchmark_is_scored_on_its_own(tmp_path
     assert m["ARC/unseen_families/pass@1"] == 0.0 and m["eval/unseen_families/exact_accuracy"] == 0.0
     assert m["ARC/pass@1"] == 0.5 and "eval/test/exact_accuracy" not in m
     assert m["eval/unseen_params/examples"] + m["eval/unseen_families/examples"] == test.num_examples
+    # Broken down by family, in the same pass.
+    assert m["eval/unseen_params/recolour/exact_accuracy"] == m["eval/unseen_params/translate/exact_accuracy"] == 1.0
+    assert m["ARC/unseen_families/outline/pass@1"] == 0.0 and m["ARC/unseen_params/translate/pass@2"] == 1.0
+    assert (m["eval/unseen_params/recolour/examples"] + m["eval/unseen_params/translate/examples"]
+            == m["eval/unseen_params/examples"])  # fmt: skip
+    names = np.asarray(test.tasks)[test.example_task(unseen_params)]
+    recolour_only = unseen_params[np.char.find(names.astype(str), ".recolour.") >= 0]
+    m = evaluate_model(Oracle(test, recolour_only), train, test, cfg, seed=0, local_batch_size=4,
+                       device=torch.device("cpu"), autocast=contextlib.nullcontext, with_demos=False)  # fmt: skip
+    assert m["ARC/unseen_params/recolour/pass@1"] == 1.0 and m["ARC/unseen_params/translate/pass@1"] == 0.0
+    assert m["eval/unseen_params/exact_accuracy"] == pytest.approx(len(recolour_only) / len(unseen_params))
     assert train.num_groups == 12
     five = [0, 3, 6, 8, 11]  # 5 of 12 spread evenly: 0, 2.75, 5.5, 8.25, 11 rounded
     expected = sum(train.puzzle_indices[train.group_indices[g + 1]] - train.puzzle_indices[train.group_indices[g]] for g in five)

@@ -4,9 +4,13 @@ test set, ARC voting over augmentations and pass@k.
 Voting: each prediction is cropped to its grid as the published TRM's evaluator crops it (the
 largest top-left all-colour rectangle, :func:`trm.data.grids.decode_grid`), the augmentation is
 undone, and equal grids of the same (task, test input) pool their votes; candidates rank by count,
-ties by mean sigmoid(q_halt).
-pass@k of a test input: its answer is among the top k. A task scores the fraction of its test
-inputs passed; pass@k averages the tasks *evaluated* (not a fixed total). Votes live for one call.
+ties by mean sigmoid(q_halt). pass@k of a test input: its answer is among the top k. A task scores
+the fraction of its test inputs passed; pass@k averages the tasks *evaluated* (not a fixed total).
+Votes live for one call.
+
+Conditioning reliance (:func:`evaluate_split` with ``reliance``): the same examples again with
+another task's context and with the empty task's. :func:`evaluate_model` runs a whole evaluation:
+the training examples, and each evaluation source of the test split on its own.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch.distributed as dist
 
 from trm.config import EvalConfig
 from trm.data.dataset import ArcSplit
+from trm.data.families import task_family
 from trm.data.grids import decode_grid, inverse_augment
 
 
@@ -53,9 +58,11 @@ class Prediction:
     grid: bytes  # predicted grid after undoing the augmentation (possibly the empty grid)
     answer: bytes  # the true grid, likewise
     q_halt_prob: float
+    group: int = 0  # the breakdown group of its example (evaluate_split's ``groups``)
 
 
-def _vote_records(split: ArcSplit, idx: np.ndarray, preds: np.ndarray, q_halt: np.ndarray) -> list[Prediction]:
+def _vote_records(split: ArcSplit, idx: np.ndarray, preds: np.ndarray, q_halt: np.ndarray,
+                  groups: np.ndarray) -> list[Prediction]:  # fmt: skip
     size, out = split.grid_size, []
     labels = split.labels[idx]
     for i, example in enumerate(idx):
@@ -67,6 +74,7 @@ def _vote_records(split: ArcSplit, idx: np.ndarray, preds: np.ndarray, q_halt: n
             grid=grid_key(inverse_augment(decode_grid(preds[i], size), t, colours)),
             answer=grid_key(inverse_augment(decode_grid(labels[i], size), t, colours)),
             q_halt_prob=float(1 / (1 + np.exp(-np.float64(q_halt[i])))),
+            group=int(groups[i]),
         ))  # fmt: skip
     return out
 
@@ -117,11 +125,12 @@ def wrong_contexts(split: ArcSplit, indices: np.ndarray, seed: int) -> np.ndarra
     return np.asarray(indices)[by_task[starts[donors] + rank_in_task % counts[donors]]]
 
 
-def _run_examples(model, split: ArcSplit, indices: np.ndarray, context_from: np.ndarray | None, local_batch_size: int,
-                  device, autocast, with_demos: bool, keep_records: bool) -> tuple[torch.Tensor, list[Prediction]]:
-    """Sums (token accuracy, exact, exact at halt, count) over ``indices`` on this rank, and the
-    vote records when ``keep_records``."""
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
+def _run_examples(model, split: ArcSplit, indices: np.ndarray, context_from: np.ndarray | None, groups: np.ndarray,
+                  num_groups: int, local_batch_size: int, device, autocast, with_demos: bool,
+                  keep_records: bool) -> tuple[torch.Tensor, list[Prediction]]:  # fmt: skip
+    """Sums (token accuracy, exact, exact at halt, count) over ``indices`` on this rank, one row
+    per group of ``groups`` (num_groups, 4), and the vote records when ``keep_records``."""
+    sums = torch.zeros(num_groups, 4, dtype=torch.float64, device=device)
     records: list[Prediction] = []
     for start in range(0, len(indices), local_batch_size):
         idx = indices[start : start + local_batch_size]
@@ -148,18 +157,21 @@ def _run_examples(model, split: ArcSplit, indices: np.ndarray, context_from: np.
         mask = labels != -100
         correct = (mask & (preds == labels)).sum(-1)
         counts = mask.sum(-1)
-        exact_at_halt = ((mask & (at_halt == labels)).sum(-1) == counts).sum()
-        sums += torch.stack([(correct / counts.clamp_min(1)).sum(), (correct == counts).sum(), exact_at_halt,
-                             torch.tensor(n, device=device)])  # fmt: skip
+        exact_at_halt = (mask & (at_halt == labels)).sum(-1) == counts
+        per_example = torch.stack([correct / counts.clamp_min(1), correct == counts, exact_at_halt,
+                                   torch.ones_like(correct)], dim=1).double()  # fmt: skip
+        group = torch.as_tensor(groups[start : start + n], device=device)
+        sums.index_add_(0, group, per_example)
         if keep_records:
-            records += _vote_records(split, idx, preds.to(torch.uint8).cpu().numpy(), out.q_halt[:n].float().cpu().numpy())
+            records += _vote_records(split, idx, preds.to(torch.uint8).cpu().numpy(), out.q_halt[:n].float().cpu().numpy(),
+                                     groups[start : start + n])  # fmt: skip
     return sums, records
 
 
 @torch.no_grad()
 def evaluate_split(model, split: ArcSplit, indices: np.ndarray, local_batch_size: int, device: torch.device,
                    autocast, with_demos: bool, vote: bool, ks: list[int], prefix: str, reliance: bool = False,
-                   seed: int = 0, arc_prefix: str = "ARC") -> dict[str, float]:  # fmt: skip
+                   seed: int = 0, arc_prefix: str = "ARC", groups: dict[str, np.ndarray] | None = None) -> dict[str, float]:  # fmt: skip
     """Evaluate ``indices`` of ``split``, sharded across ranks; returns metrics on every rank.
 
     eval/<prefix>/accuracy: mean token accuracy and eval/<prefix>/exact_accuracy: fraction of examples
@@ -174,9 +186,17 @@ def evaluate_split(model, split: ArcSplit, indices: np.ndarray, local_batch_size
     demonstrations; ..._null_context), giving eval/<prefix>/{accuracy,exact_accuracy}_{wrong,null}_context,
     eval/<prefix>/context_reliance (exact accuracy minus its wrong-context value) and
     eval/<prefix>/token_context_reliance (likewise for token accuracy).
+
+    ``groups`` (name -> boolean mask over ``indices``, e.g. the task families) also breaks the
+    right-context figures down: eval/<prefix>/<name>/{accuracy,exact_accuracy,examples} and, with
+    ``vote``, <arc_prefix>/<name>/pass@k. It costs no extra pass.
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     indices = np.asarray(indices)
+    names = list(groups or {})
+    group_of = np.zeros(len(indices), np.int64)  # row 0: everything; row g + 1: group g
+    for g, name in enumerate(names):
+        group_of[groups[name]] = g + 1
     passes: dict[str, np.ndarray | None] = {"": None}
     if reliance:
         wrong = wrong_contexts(split, indices, seed)
@@ -189,19 +209,22 @@ def evaluate_split(model, split: ArcSplit, indices: np.ndarray, local_batch_size
     sums, records = [], []
     for suffix, context_from in passes.items():
         part, recs = _run_examples(model, split, indices[mine], None if context_from is None else context_from[mine],
-                                   local_batch_size, device, autocast, with_demos, keep_records=vote and not suffix)  # fmt: skip
+                                   group_of[mine], len(names) + 1, local_batch_size, device, autocast, with_demos,
+                                   keep_records=vote and not suffix)  # fmt: skip
         sums.append(part)
         records += recs
     model.train(was_training)
-    sums = torch.stack(sums)
+    sums = torch.stack(sums)  # (passes, groups + 1, 4)
     if world > 1:
         dist.all_reduce(sums)
         if vote:
             gathered: list[list[Prediction]] = [None] * world  # type: ignore[list-item]
             dist.all_gather_object(gathered, records)
             records = [r for part in gathered for r in part]
+    per_group = sums.tolist()
     metrics = {}
-    for suffix, (token_acc, exact, exact_at_halt, count) in zip(passes, sums.tolist()):
+    for suffix, rows in zip(passes, per_group):
+        token_acc, exact, exact_at_halt, count = np.sum(rows, axis=0)
         metrics[f"eval/{prefix}/accuracy{suffix}"] = token_acc / max(count, 1)
         metrics[f"eval/{prefix}/exact_accuracy{suffix}"] = exact / max(count, 1)
         if not suffix:
@@ -215,6 +238,13 @@ def evaluate_split(model, split: ArcSplit, indices: np.ndarray, local_batch_size
     if vote:
         metrics.update(pass_at_k(records, ks, arc_prefix))
         metrics[f"eval/{prefix}/tasks"] = float(len({r.task for r in records}))
+    for g, name in enumerate(names, start=1):
+        token_acc, exact, _, count = per_group[0][g]
+        metrics[f"eval/{prefix}/{name}/accuracy"] = token_acc / max(count, 1)
+        metrics[f"eval/{prefix}/{name}/exact_accuracy"] = exact / max(count, 1)
+        metrics[f"eval/{prefix}/{name}/examples"] = count
+        if vote:
+            metrics.update(pass_at_k([r for r in records if r.group == g], ks, f"{arc_prefix}/{name}"))
     return metrics
 
 
@@ -235,25 +265,37 @@ def evaluation_sets(split: ArcSplit) -> dict[str, np.ndarray]:
     return {name: np.flatnonzero(source_of_example == s) for name, s in zip(names, sources)}
 
 
+def family_groups(split: ArcSplit, indices: np.ndarray) -> dict[str, np.ndarray] | None:
+    """For tasks of the family benchmark: family name -> mask over ``indices``; None otherwise."""
+    families = [task_family(name) for name in split.tasks]
+    if not any(families):
+        return None
+    of_example = np.asarray([f or "" for f in families])[split.example_task(indices)]
+    return {f: of_example == f for f in sorted(set(of_example) - {""})}
+
+
 def evaluate_model(model, train_split: ArcSplit, test_split: ArcSplit, cfg: EvalConfig, seed: int,
                    local_batch_size: int, device: torch.device, autocast, with_demos: bool) -> dict[str, float]:  # fmt: skip
     """Every evaluation of a run: the training examples (eval/train/..., no voting) and each set of
     the test split (eval/test/... and ARC/pass@k for one set; eval/<set>/... and ARC/<set>/pass@k
-    for several, ARC/pass@k then averaging all their tasks)."""
+    for several, ARC/pass@k then averaging all their tasks). Tasks of the family benchmark are also
+    broken down by family (eval/<set>/<family>/exact_accuracy, ARC/<set>/<family>/pass@k)."""
     common = dict(local_batch_size=local_batch_size, device=device, autocast=autocast, with_demos=with_demos,
                   ks=cfg.pass_ks, reliance=cfg.reliance, seed=seed)  # fmt: skip
     metrics: dict[str, float] = {}
     if cfg.on_train:
         idx = select_examples(train_split, cfg.train_augmentations, cfg.train_groups)
-        metrics.update(evaluate_split(model, train_split, idx, vote=False, prefix="train", **common))
+        metrics.update(evaluate_split(model, train_split, idx, vote=False, prefix="train",
+                                      groups=family_groups(train_split, idx), **common))  # fmt: skip
     if not test_split.num_examples:
         return metrics
     sets = evaluation_sets(test_split)
     chosen = select_examples(test_split, cfg.test_augmentations)
     for name, examples in sets.items():
         arc = "ARC" if len(sets) == 1 else f"ARC/{name}"
-        metrics.update(evaluate_split(model, test_split, np.intersect1d(chosen, examples), vote=True, prefix=name,
-                                      arc_prefix=arc, **common))  # fmt: skip
+        idx = np.intersect1d(chosen, examples)
+        metrics.update(evaluate_split(model, test_split, idx, vote=True, prefix=name, arc_prefix=arc,
+                                      groups=family_groups(test_split, idx), **common))  # fmt: skip
     if len(sets) > 1:  # every test task counts once
         tasks = {name: metrics[f"eval/{name}/tasks"] for name in sets}
         for k in cfg.pass_ks:

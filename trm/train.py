@@ -37,6 +37,8 @@ from trm.optim import AdamATan2, SparseSignSGD, lr_at
 
 # Metrics summed over slots and divided by the number of halted samples when logged.
 PER_HALTED = ("accuracy", "exact_accuracy", "q_halt_accuracy", "steps")
+# Evaluation metrics printed to the terminal at each evaluation.
+HEADLINE = ("/exact_accuracy", "/exact_accuracy_wrong_context", "/context_reliance", "/pass@2")
 
 
 def build_model(cfg: TrainConfig, metadata: dict) -> TinyRecursiveModel:
@@ -324,10 +326,12 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
         if (plan.eval_every_steps and step % plan.eval_every_steps == 0) or step == plan.last_step:
             eval_start = time.perf_counter()
             last_eval = evaluate()
-            window.start += time.perf_counter() - eval_start  # throughput counts training time only
+            last_eval["timing/eval_seconds"] = time.perf_counter() - eval_start
+            window.start += last_eval["timing/eval_seconds"]  # throughput counts training time only
             logger.log(last_eval, step)
-            if env.is_main:
-                bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
+            if env.is_main:  # the headline figures; metrics.jsonl and wandb hold them all
+                headline = {k: v for k, v in last_eval.items() if k.count("/") <= 2 and k.endswith(HEADLINE)}
+                bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in headline.items()))
             if cfg.checkpoint_every_eval or step == plan.last_step:
                 save()
     bar.close()

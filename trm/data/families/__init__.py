@@ -124,4 +124,11 @@ def family_of(task_name: str) -> tuple[str, str]:
     return family, params
 
 
-__all__ = ["FAMILIES", "GENERATOR_VERSION", "FamilyOptions", "PARTS", "SOURCE_PREFIX", "Family", "family_of", "generate", "part_programs"]
+def task_family(task_name: str) -> str | None:
+    """The family of a generated task, None for any other task."""
+    if not task_name.startswith(SOURCE_PREFIX):
+        return None
+    return family_of(task_name)[0]
+
+
+__all__ = ["FAMILIES", "GENERATOR_VERSION", "FamilyOptions", "PARTS", "SOURCE_PREFIX", "Family", "family_of", "generate", "part_programs", "task_family"]
