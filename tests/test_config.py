@@ -63,3 +63,28 @@ def test_steps_come_from_examples_not_groups():
     assert plan.eval_every_steps == 10000 * 250 // 256
     with pytest.raises(ConfigError, match="not divisible by 3 ranks"):
         plan_run(cfg, 250, world_size=3)
+
+
+FAMILY_EXPERIMENTS = ["E0v2_families", "E1v2_families", "E_diag1_families", "E2_lpn_families", "E3_lpn_var_families",
+                      "E7_attention_families", "E13_overlay_families"]  # fmt: skip
+
+
+@pytest.mark.parametrize("experiment", FAMILY_EXPERIMENTS)
+def test_family_benchmark_experiments_keep_their_changes_at_both_sizes(experiment):
+    from encoders.config import EncoderTrainConfig
+
+    entry, schema = ("cfg_pretrain", TrainConfig) if experiment.startswith("E0v2") else ("cfg_pretrain_encoder", EncoderTrainConfig)
+    plain, _ = compose(entry, [f"experiment={experiment.removesuffix('_families')}"], schema)
+    for preset in ([], ["preset=cpu_families"]):
+        cfg, raw = compose(entry, [f"experiment={experiment}", *preset], schema)
+        assert raw["experiment"] == experiment
+        assert cfg.data.split == "heldout" and cfg.data.train_sources == ["families/train"]
+        assert cfg.data.eval_sources == ["families/unseen_params", "families/unseen_families"]
+        assert cfg.data.num_train_groups is None and cfg.data.num_eval_groups is None  # E0v2's 32 groups undone
+        if schema is EncoderTrainConfig:  # the experiment's own change survives benchmark and preset
+            for key in ("encoder_type", "encoder_pooling_method", "freeze_encoder", "encoder_pair_layout", "kl_weight"):
+                assert getattr(cfg.arch, key) == getattr(plain.arch, key), key
+        if preset:
+            assert cfg.data.max_grid_size <= 10 and cfg.arch.hidden_size <= 128 and cfg.data.families.train_tasks <= 5000
+        else:
+            assert cfg.data.max_grid_size == 30 and cfg.data.families.train_tasks == 20000 and cfg.arch.hidden_size == 512
