@@ -58,8 +58,8 @@ def main() -> None:
         nonlocal carry
         batch = _to_device(split.batch(sampler.next_indices()[: plan.local_batch_size], model.conditioner.needs_demos), env.device)
         carry = carry or model.initial_carry(batch)
-        carry, metrics, _ = train_step(model, carry, batch, opt, cfg, i + 1, plan, autocast)
-        ema.update()
+        carry, metrics, _, ok = train_step(model, carry, batch, opt, cfg, i + 1, plan, autocast)
+        ema.update(ok)
         return metrics
 
     for i in range(args.warmup):

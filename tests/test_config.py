@@ -2,6 +2,7 @@ import pytest
 
 from trm.cli import compose, normalise_overrides
 from trm.config import ConfigError, TrainConfig, plan_run
+from trm.rundir import default_run_name
 
 
 def test_e0v2_is_the_plans_setting():
@@ -9,7 +10,8 @@ def test_e0v2_is_the_plans_setting():
     assert (cfg.data.num_train_groups, cfg.data.num_eval_groups) == (32, 32)
     assert (cfg.global_batch_size, cfg.epochs, cfg.eval_interval) == (256, 100000, 10000)
     assert cfg.data.split == "trm" and cfg.arch.hidden_size == 512 and cfg.lr == 1e-4
-    assert raw["experiment"] == "E0v2" and raw["run_name"].startswith("E0v2-")
+    assert raw["experiment"] == "E0v2" and raw["run_name"] is None  # named when the run starts
+    assert default_run_name(raw).startswith("E0v2-")
 
 
 def test_the_plans_command_line_spellings_compose():

@@ -68,7 +68,7 @@ def test_few_or_no_demonstrations_give_finite_contexts_losses_and_gradients(enco
     model.zero_grad()
     opt, plan = Optimisers(cfg, model), plan_run(cfg, examples_per_epoch=100, world_size=1)
     autocast = functools.partial(torch.autocast, "cpu", enabled=False)
-    _, metrics, _ = train_step(model, model.initial_carry(batch), batch, opt, cfg, 1, plan, autocast)
+    _, metrics, _, _ = train_step(model, model.initial_carry(batch), batch, opt, cfg, 1, plan, autocast)
     assert all(torch.isfinite(v).all() for pair in metrics.values() for v in pair), metrics
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -85,12 +85,12 @@ def test_every_encoder_weight_trains_on_continuing_act_steps(encoder, pooling, l
     autocast = functools.partial(torch.autocast, "cpu", enabled=False)
     batch = make_batch()
     carry = model.initial_carry(batch)
-    carry, _, _ = train_step(model, carry, batch, opt, cfg, 1, plan, autocast)
+    carry, _, _, _ = train_step(model, carry, batch, opt, cfg, 1, plan, autocast)
     assert not carry.halted.any()
     grads = {}
     for name, p in model.conditioner.named_parameters():
         p.register_hook(functools.partial(grads.__setitem__, name))
-    carry, metrics, _ = train_step(model, carry, make_batch(seed=1), opt, cfg, 2, plan, autocast)
+    carry, metrics, _, _ = train_step(model, carry, make_batch(seed=1), opt, cfg, 2, plan, autocast)
     assert (carry.steps == 2).all()
     names = [n for n, _ in model.conditioner.named_parameters()]
     without = [n for n in names if n not in grads or not grads[n].abs().sum() > 0]
@@ -112,7 +112,7 @@ def test_frozen_encoder_stays_at_its_init_and_out_of_the_optimiser(encoder):
     batch = make_batch()
     carry = model.initial_carry(batch)
     for step in range(1, 4):
-        carry, _, _ = train_step(model, carry, batch, opt, cfg, step, plan, autocast)
+        carry, _, _, _ = train_step(model, carry, batch, opt, cfg, step, plan, autocast)
     for n, p in model.conditioner.named_parameters():
         assert torch.equal(p, init[n]), n
     assert any(not torch.equal(a, b) for a, b in zip(core_init, model.core.parameters()))

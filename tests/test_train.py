@@ -12,37 +12,17 @@ import yaml
 
 from trm.cli import compose
 from trm.config import ArchConfig, TrainConfig, plan_run
-from trm.data.dataset import ArcSplit
 from trm.data.tasks import load_source
 from trm.train import MetricWindow, Optimisers, build_model, train, train_step
 
+from helpers import final_state, optimiser_tensors, read_rows, tiny_overrides
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def tiny_overrides(tiny_dataset, run_dir, *extra):
-    path, o = tiny_dataset
-    return [
-        "experiment=E0v2", f"data.path={path}", f"data.num_train_groups={o.num_train_groups}",
-        f"data.num_eval_groups={o.num_eval_groups}", f"data.num_augmentations={o.num_augmentations}",
-        f"data.max_grid_size={o.max_grid_size}", "arch.hidden_size=32", "arch.num_heads=2",
-        "arch.H_cycles=2", "arch.L_cycles=1", "arch.puzzle_emb_len=2", "arch.halt_max_steps=3",
-        "global_batch_size=8", "epochs=4", "eval_interval=2", "lr_warmup_steps=2", "log_interval=2",
-        "eval.train_augmentations=1", "wandb.mode=disabled", f"run_dir={run_dir}", *extra,
-    ]  # fmt: skip
 
 
 def run(tiny_dataset, run_dir, *extra):
     cfg, raw = compose("cfg_pretrain", tiny_overrides(tiny_dataset, run_dir, *extra))
     return train(cfg, raw)
-
-
-def final_state(run_dir):
-    latest = (Path(run_dir) / "checkpoints" / "latest").read_text()
-    return torch.load(Path(run_dir) / "checkpoints" / latest / "state.pt", weights_only=False)
-
-
-def read_rows(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def examples_per_epoch_by_hand(dataset_dir) -> int:
@@ -101,10 +81,6 @@ def test_a_run_writes_its_directory(tiny_dataset, tmp_path):
     cfg, raw = compose("cfg_pretrain", tiny_overrides(tiny_dataset, run_dir, "log_interval=1", "lr_min_ratio=0.1", "lr=1e-3"))
     assert state["config"] == yaml.safe_load((run_dir / "config.yaml").read_text())
     assert {k: v for k, v in state["config"].items() if k != "run_name"} == {k: v for k, v in raw.items() if k != "run_name"}
-
-
-def optimiser_tensors(state) -> list[torch.Tensor]:
-    return [t for s in state["optimisers"]["dense"]["state"].values() for t in (s["exp_avg"], s["exp_avg_sq"])]
 
 
 def test_resume_continues_exactly(tiny_dataset, tmp_path, monkeypatch):
@@ -168,14 +144,14 @@ def test_train_metrics_count_only_the_samples_that_halt():
     model.register_forward_hook(lambda module, args, result: outputs.append(result[1]))
     autocast = functools.partial(torch.autocast, "cpu", enabled=False)
 
-    carry, first, _ = train_step(model, model.initial_carry(batch), batch, opt, cfg, 1, plan, autocast)
+    carry, first, _, _ = train_step(model, model.initial_carry(batch), batch, opt, cfg, 1, plan, autocast)
     assert not carry.halted.any()  # q_halt = -5: only the step limit halts
     window = MetricWindow()
     window.add(first)
     assert "train/steps" not in window.reduce(4)  # nothing halted: no value, not 0
 
     carry.halted[0] = True  # slot 0 restarts with the next example; slots 1-3 reach step 2 and halt
-    carry, second, _ = train_step(model, carry, batch, opt, cfg, 2, plan, autocast)
+    carry, second, _, _ = train_step(model, carry, batch, opt, cfg, 2, plan, autocast)
     assert carry.halted.tolist() == [False, True, True, True]
     window.add(second)
     got = window.reduce(4)
@@ -237,28 +213,73 @@ def test_torchrun_two_ranks_matches_one_rank(tiny_dataset, tmp_path):
         assert one[key] == pytest.approx(two[key], rel=1e-4), key
 
 
-def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(tiny_dataset, tmp_path, monkeypatch):
+def poison_loss(monkeypatch, bad_steps):
+    """Make the loss of the given training steps NaN (so is every gradient)."""
+    import trm.train as train_module
+
+    healthy, calls = train_module.total_loss, [0]
+
+    def poisoned(out, carry):
+        loss, sums = healthy(out, carry)
+        calls[0] += 1
+        return (loss * float("nan") if calls[0] in bad_steps else loss), sums
+
+    monkeypatch.setattr(train_module, "total_loss", poisoned)
+
+
+def checkpoint_state(run_dir, step):
+    return torch.load(Path(run_dir) / "checkpoints" / f"step_{step:08d}" / "state.pt", weights_only=False)
+
+
+def assert_same_state(a, b):
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    for x, y in zip(optimiser_tensors(a) + a["ema"]["shadow"], optimiser_tensors(b) + b["ema"]["shadow"], strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_a_non_finite_step_is_skipped_and_counted(tiny_dataset, tmp_path, monkeypatch):
+    poison_loss(monkeypatch, {3})
+    summary = run(tiny_dataset, tmp_path / "r", "log_interval=1", "checkpoint_interval=1", "keep_checkpoints=100", "lr=1e-3")
+    assert_same_state(checkpoint_state(tmp_path / "r", 2), checkpoint_state(tmp_path / "r", 3))  # nothing moved
+    after = checkpoint_state(tmp_path / "r", 4)
+    assert not torch.equal(after["model"]["core.lm_head.weight"], checkpoint_state(tmp_path / "r", 3)["model"]["core.lm_head.weight"])
+    rows = {r["step"]: r for r in read_rows(tmp_path / "r") if "train/lr" in r}
+    assert "train/lm_loss" not in rows[3] and "grad/total_norm" not in rows[3]  # the skipped step's metrics left out
+    assert [rows[s]["train/skipped_steps"] for s in (2, 3, 4)] == [0, 1, 1] and summary["train/skipped_steps"] == 1
+    assert all(math.isfinite(v) for r in rows.values() for k, v in r.items() if isinstance(v, float))
+    assert summary["step"] == summary["total_steps"] and all(torch.isfinite(v).all() for v in after["model"].values())
+
+
+def test_a_non_finite_recursion_state_is_not_carried_on(tiny_dataset, tmp_path, monkeypatch):
+    """A NaN reaching the ACT carry makes the next step non-finite; that step is skipped and every
+    slot restarts, so one step is lost, not the up to halt_max_steps (3) a NaN slot would run."""
     import trm.train as train_module
 
     healthy = train_module.train_step
-    first_eval = 2 * ArcSplit(tiny_dataset[0], "train").examples_per_epoch // 8  # eval_interval=2 epochs, batch 8
 
-    def diverging(model, carry, batch, opt, cfg, step, *rest):
-        carry, metrics, lrs = healthy(model, carry, batch, opt, cfg, step, *rest)
-        if step > first_eval:  # after the first evaluation and its checkpoint
-            for p in model.parameters():
-                p.data.fill_(float("nan"))
-            _, count = metrics["train/lm_loss"]
-            metrics["train/lm_loss"] = (torch.tensor(float("nan")), count)
-        return carry, metrics, lrs
+    def nan_state_after_step_4(model, carry, batch, opt, cfg, step, *rest):
+        carry, metrics, lrs, ok = healthy(model, carry, batch, opt, cfg, step, *rest)
+        if step == 4:  # mid-way: without exploration every slot halts at steps 3, 6, ...
+            carry.z_H.fill_(float("nan"))
+        return carry, metrics, lrs, ok
 
-    monkeypatch.setattr(train_module, "train_step", diverging)
-    first_log = first_eval + 2 - first_eval % 2  # log_interval=2
-    with pytest.raises(FloatingPointError, match=f"diverged: train/lm_loss is nan at step {first_log}"):
-        run(tiny_dataset, tmp_path / "r")
-    state = final_state(tmp_path / "r")
-    assert state["step"] == first_eval
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    monkeypatch.setattr(train_module, "train_step", nan_state_after_step_4)
+    summary = run(tiny_dataset, tmp_path / "r", "arch.halt_exploration_prob=0", "log_interval=1")
+    rows = {r["step"]: r for r in read_rows(tmp_path / "r") if "train/lr" in r}
+    assert [rows[s]["train/skipped_steps"] for s in (4, 5, 6, 7)] == [0, 1, 1, 1] and summary["train/skipped_steps"] == 1
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_the_run_with_its_checkpoint_intact(tiny_dataset, tmp_path, monkeypatch):
+    poison_loss(monkeypatch, set(range(5, 1000)))
+    extra = ("log_interval=1", "checkpoint_interval=1", "keep_checkpoints=100", "max_skipped_steps=3")
+    with pytest.raises(FloatingPointError, match="3 steps in a row up to step 7 had a non-finite loss or gradient"):
+        run(tiny_dataset, tmp_path / "r", *extra)
+    # Steps 5 and 6 were checkpointed (the run stops at step 7 before its save), holding the weights
+    # of step 4, the last good update.
+    assert final_state(tmp_path / "r")["step"] == 6
+    assert_same_state(checkpoint_state(tmp_path / "r", 4), final_state(tmp_path / "r"))
+    assert all(torch.isfinite(v).all() for v in final_state(tmp_path / "r")["model"].values() if v.is_floating_point())
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["diverged"] is True
 
 

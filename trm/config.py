@@ -14,9 +14,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trm.data.build import BuildOptions
+from trm.errors import InputError
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """The composed configuration does not fit the schema; the message names each key at fault."""
 
 
@@ -123,8 +124,19 @@ class TrainConfig(Strict):
     ema_rate: float = Field(0.999, gt=0, lt=1)
 
     log_interval: int = Field(10, ge=1, description="steps between logged metrics")
-    checkpoint_every_eval: bool = True
+    checkpoint_interval: int = Field(
+        500, ge=1, description="steps between checkpoints (also written at each evaluation, at the end and on "
+        "SIGINT/SIGTERM)")
+    keep_checkpoints: int = Field(2, ge=1, description="the newest checkpoints kept")
+    max_skipped_steps: int = Field(
+        10, ge=1, description="stop after this many updates in a row skipped for a non-finite gradient")
     resume: bool = Field(True, description="continue from run_dir's checkpoint when there is one")
+    init_from: str | None = Field(
+        None, description="start a new run from these model weights: a checkpoint (folder or state.pt) of this "
+        "framework, or a state dict saved by the published TRM")
+    extend: bool = Field(
+        False, description="continue a finished run: with more epochs or max_steps, train on; with the same "
+        "length, evaluate its last checkpoint again")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = Field(False, description="torch.compile the recursive core (CUDA)")
 

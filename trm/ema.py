@@ -7,6 +7,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from trm.optim import undo_where_skipped_
+
 
 class EMA:
     """shadow <- rate * shadow + (1 - rate) * param after every optimiser step."""
@@ -17,8 +19,11 @@ class EMA:
         self.shadow = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, ok: torch.Tensor | None = None) -> None:
+        """One averaging step; none where ``ok`` (0-dim bool, a skipped step) is False."""
+        before = [s.clone() for s in self.shadow] if ok is not None else None
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - self.rate)
+        undo_where_skipped_(ok, self.shadow, before)
 
     @contextmanager
     def applied(self):

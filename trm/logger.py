@@ -73,13 +73,20 @@ class RunLogger:
             self.wandb.log(metrics, step=step)
 
     def finish(self, summary: dict[str, float]) -> None:
+        """Write ``summary.json`` (the run is over) and close."""
+        if self.enabled:
+            write_json_atomic(self.run_dir / "summary.json", summary)
+            if self.wandb is not None:
+                self.wandb.summary.update(summary)
+        self.close()
+
+    def close(self) -> None:
         if not self.enabled:
             return
-        write_json_atomic(self.run_dir / "summary.json", summary)
         self.metrics_file.close()
         if self.wandb is not None:
-            self.wandb.summary.update(summary)
             self.wandb.finish()
+            self.wandb = None
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -18,19 +18,30 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float) 
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def undo_where_skipped_(ok: torch.Tensor | None, tensors: list[torch.Tensor], before: list[torch.Tensor] | None) -> None:
+    """tensors[i] <- before[i] where ``ok`` (0-dim bool, on the device) is False: an update taken
+    back without a host-device synchronisation. ``ok`` None: nothing to undo."""
+    if ok is not None:
+        for t, b in zip(tensors, before):
+            t.copy_(torch.where(ok, t, b))
+
+
 class AdamATan2(torch.optim.Optimizer):
     """Adam with atan2 in place of the division by sqrt(v) + eps (scale-invariant, no epsilon):
 
         p <- p * (1 - lr * wd)
         m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
         p <- p - lr / (1 - b1^t) * atan2(m, sqrt(v / (1 - b2^t)))
+
+    ``step(ok)`` with a 0-dim bool tensor keeps weights and moments unchanged where it is False (a
+    skipped step; its step count t still advances, a negligible change to the bias correction).
     """
 
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.95), weight_decay: float = 0.1):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
 
     @torch.no_grad()
-    def step(self):
+    def step(self, ok: torch.Tensor | None = None):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -47,6 +58,8 @@ class AdamATan2(torch.optim.Optimizer):
             grads = [p.grad for p in params]
             exp_avgs = [s["exp_avg"] for s in states]
             exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+            touched = params + exp_avgs + exp_avg_sqs
+            before = [t.clone() for t in touched] if ok is not None else None
             if wd:
                 torch._foreach_mul_(params, 1 - lr * wd)
             torch._foreach_lerp_(exp_avgs, grads, 1 - b1)
@@ -56,6 +69,7 @@ class AdamATan2(torch.optim.Optimizer):
             torch._foreach_div_(denom, math.sqrt(1 - b2**t))
             updates = [torch.atan2(m, d) for m, d in zip(exp_avgs, denom)]
             torch._foreach_add_(params, updates, alpha=-lr / (1 - b1**t))
+            undo_where_skipped_(ok, touched, before)
 
 
 class SparseSignSGD:
@@ -82,7 +96,8 @@ class SparseSignSGD:
         return ids, grad
 
     @torch.no_grad()
-    def step(self, gathered: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def step(self, gathered: tuple[torch.Tensor, torch.Tensor] | None = None, ok: torch.Tensor | None = None):
+        """One update of the rows in ``gathered``; none where ``ok`` (0-dim bool) is False."""
         gathered = gathered or self.gathered_grad()
         if gathered is None:
             return
@@ -92,7 +107,10 @@ class SparseSignSGD:
         same = (ids[:, None] == ids[None, :]).to(grad.dtype)
         summed = same @ grad
         table = self.embedding.weight
-        rows = table[ids] * (1 - self.lr * self.weight_decay) - self.lr * torch.sign(summed)
+        old = table[ids]
+        rows = old * (1 - self.lr * self.weight_decay) - self.lr * torch.sign(summed)
+        if ok is not None:
+            rows = torch.where(ok, rows, old)
         table.index_copy_(0, ids.long(), rows.to(table.dtype))
         self.embedding.looked_up = None
 

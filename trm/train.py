@@ -12,22 +12,22 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import os
+import signal
+import threading
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm import tqdm
 
-from trm import checkpoint
-from trm.config import ConfigError, RunPlan, TrainConfig, plan_run
+from trm import checkpoint, rundir
+from trm.config import RunPlan, TrainConfig, plan_run
 from trm.data.build import ensure_dataset, wait_for_dataset
 from trm.data.dataset import ArcSplit, EpochSampler
-from trm.distributed import DistEnv, all_reduce_sum_, barrier, broadcast_object, setup, teardown
+from trm.distributed import DistEnv, all_reduce_sum_, broadcast_object, setup, teardown
 from trm.ema import EMA
+from trm.errors import InputError, Interrupted
 from trm.evaluate import evaluate_model
 from trm.logger import RunLogger
 from trm.losses import act_loss
@@ -126,7 +126,10 @@ def total_loss(out, carry: Carry) -> tuple[torch.Tensor, dict[str, torch.Tensor]
 
 def train_step(model, carry: Carry, batch, opt: Optimisers, cfg: TrainConfig, step: int, plan: RunPlan, autocast):
     """One supervision step for every slot. Returns the new carry, the step's metrics as
-    (sum, count) pairs over the local batch, and the learning rates. No host-device synchronisation."""
+    (sum, count) pairs over the local batch, the learning rates, and ``ok`` (0-dim bool): False when
+    the global gradient was not finite, the update then skipped (weights, optimiser state and the
+    metrics of the step left out; every slot restarts on a new example). No host-device
+    synchronisation."""
     with autocast():
         carry, out = model(carry, batch)
         loss, sums = total_loss(out, carry)
@@ -141,14 +144,16 @@ def train_step(model, carry: Carry, batch, opt: Optimisers, cfg: TrainConfig, st
     trm_norm = _norm(core_grads, device)
     enc_norm = _norm(cond_grads + ([sparse_grad[1]] if sparse_grad is not None else []), device)
     total_norm = torch.sqrt(trm_norm**2 + enc_norm**2)
+    ok = torch.isfinite(total_norm)  # of the global gradient: every rank decides alike
     if cfg.grad_clip_norm is not None:
         torch._foreach_mul_(core_grads + cond_grads, (cfg.grad_clip_norm / (total_norm + 1e-6)).clamp(max=1.0))
 
     lrs = opt.set_lr(step, plan.total_steps)
-    opt.dense.step()
+    opt.dense.step(ok)
     opt.dense.zero_grad(set_to_none=True)
     if opt.sparse is not None:
-        opt.sparse.step(sparse_grad)
+        opt.sparse.step(sparse_grad, ok)
+    carry.halted |= ~ok  # a non-finite state is not carried on
 
     samples = torch.tensor(float(carry.halted.numel()), device=device)
     one = torch.ones((), device=device)
@@ -159,7 +164,8 @@ def train_step(model, carry: Carry, batch, opt: Optimisers, cfg: TrainConfig, st
     metrics.update(context_diagnostics(out.conditioning.context, carry.data["task_ids"]))
     metrics.update({"grad/total_norm": (total_norm, one), "grad/trm_norm": (trm_norm, one),
                     "grad/encoder_norm": (enc_norm, one)})  # fmt: skip
-    return carry, metrics, lrs
+    metrics = {k: (torch.where(ok, num, 0.0), torch.where(ok, den, 0.0)) for k, (num, den) in metrics.items()}
+    return carry, metrics, lrs, ok
 
 
 class MetricWindow:
@@ -189,6 +195,30 @@ class MetricWindow:
         return out
 
 
+class SkippedSteps:
+    """Counts the steps whose update was skipped (non-finite gradient) on the device; read at
+    logging steps only. ``longest_run``: the most skipped in a row seen at the last read."""
+
+    def __init__(self, before: int = 0):
+        self.count = torch.tensor(float(before))
+        self.run = self.worst = torch.zeros(())
+        self.longest_run = 0
+
+    def add(self, ok: torch.Tensor) -> None:
+        skipped = (~ok).to(torch.float32)
+        self.count, self.run = self.count.to(ok.device) + skipped, (self.run.to(ok.device) + 1) * skipped
+        self.worst = torch.maximum(self.worst.to(ok.device), self.run)
+
+    def total(self) -> int:
+        return int(self.count.item())
+
+    def metrics(self) -> dict[str, float]:
+        """train/skipped_steps (all so far); resets the longest run of the window."""
+        self.longest_run = int(self.worst.item())
+        self.worst = self.run
+        return {"train/skipped_steps": float(self.count.item())}
+
+
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     if device.type == "cuda":
         return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
@@ -202,27 +232,53 @@ def _forward_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _prepare_run_dir(cfg: TrainConfig, raw_config: dict, env: DistEnv) -> tuple[Path, Path | None]:
-    """The run directory and the checkpoint to resume from. A directory that holds another run's
-    files and no checkpoint to resume is refused rather than overwritten."""
-    run_name = broadcast_object(cfg.run_name or f"run-{datetime.now():%Y%m%d-%H%M%S}")
-    run_dir = Path(cfg.run_dir or Path("runs") / run_name)
-    resume_from = checkpoint.latest(run_dir / "checkpoints") if cfg.resume else None
-    if resume_from is None and run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(
-            f"run directory {run_dir} already holds files and no checkpoint to resume from"
-            f"{'' if cfg.resume else ' (resume=false)'}: pick another +run_name=... or run_dir=..., or delete it"
-        )
-    if resume_from is not None:
-        stored = yaml.safe_load((run_dir / "config.yaml").read_text())
-        for key in ("arch", "data"):
-            if stored.get(key) != raw_config.get(key):
-                raise ConfigError(f"cannot resume {run_dir}: its '{key}' config differs from this one")
-    barrier()
+def _on_main(env: DistEnv, fn):
+    """``fn()`` on rank 0; its result, or the bad-input error it raised, on every rank."""
+    result, error = None, None
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(raw_config, sort_keys=False))
-    return run_dir, resume_from
+        try:
+            result = fn()
+        except InputError as e:
+            error = e
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise error
+    return result
+
+
+class StopRequest:
+    """SIGINT and SIGTERM (Ctrl-C, Slurm preemption) ask the loop to stop between two steps; it then
+    saves a checkpoint and exits. A second signal interrupts at once (the last checkpoint stays)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def agreed(self, env: DistEnv, step: int, every: int) -> bool:
+        """Whether to stop now. One process checks at every step; ranks agree at logging steps (an
+        all-reduce), so that they save the same step together."""
+        if env.world_size == 1:
+            return self.signum is not None
+        if step % every:
+            return False
+        flag = torch.tensor([float(self.signum is not None)], device=env.device)
+        all_reduce_sum_([flag])
+        return bool(flag.item())
 
 
 def train(cfg: TrainConfig, raw_config: dict) -> dict[str, float]:
@@ -242,30 +298,40 @@ def train(cfg: TrainConfig, raw_config: dict) -> dict[str, float]:
 
 
 def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> dict[str, float]:
-    run_dir, resume_from = _prepare_run_dir(cfg, raw_config, env)
+    # Everything that can fail (data, plan, model, optimisers, the run directory's state, the
+    # checkpoint) runs before anything is written into the run directory.
     train_split, test_split = ArcSplit(data_dir, "train"), ArcSplit(data_dir, "test")
     plan = plan_run(cfg, train_split.examples_per_epoch, env.world_size)
+    run = _on_main(env, lambda: rundir.inspect(cfg, raw_config, plan.last_step))
+    if run.status == "finished":
+        summary = _on_main(env, lambda: rundir.finished_summary(run))
+        if env.is_main:
+            print(f"run {run.path} is finished (step {run.checkpoint_step} of {plan.last_step}); its summary is "
+                  f"{run.path / 'summary.json'}. Nothing changed; extend=true trains on or evaluates again.")  # fmt: skip
+        return summary
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg, train_split.meta).to(env.device)
+    if run.status == "new" and cfg.init_from:
+        checkpoint.load_weights(model, checkpoint.initial_weights(cfg.init_from), cfg.init_from)
     opt = Optimisers(cfg, model)
     ema = EMA(model, cfg.ema_rate) if cfg.ema else None
     sampler = EpochSampler(train_split, cfg.global_batch_size, cfg.seed)
     torch.manual_seed(cfg.seed * 7919 + env.rank + 1)  # per-rank randomness (halting exploration)
     needs_demos = model.conditioner.needs_demos
-    step, carry = 0, None
-
-    if resume_from is not None:
-        shared, own = checkpoint.load(resume_from, env)
-        model.load_state_dict(shared["model"])
+    step, carry, skipped_before = 0, None, 0
+    if run.status == "resume":
+        folder, shared, own = checkpoint.load_latest(run.path / "checkpoints", env)
+        checkpoint.load_weights(model, shared["model"], str(folder / "state.pt"))
         opt.load_state_dict(shared["optimisers"])
         if ema is not None:
             ema.load_state_dict(shared["ema"])
         sampler.load_state_dict(shared["sampler"])
-        step = shared["step"]
+        step, skipped_before = shared["step"], shared.get("skipped_steps", 0)
         if own is not None:
             checkpoint.set_rng_state(own["rng"])
             carry = Carry(**own["carry"]) if own["carry"] is not None else None
+    run_dir = _on_main(env, lambda: rundir.open_run(run, raw_config, step))
 
     if cfg.compile:
         model.core.compile()
@@ -282,59 +348,77 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
             + (f" | resumed at step {step}" if step else "")
         )
 
+    saved_at = step if run.status == "resume" else None
+
     def save():
+        nonlocal saved_at
         shared = {"model": model.state_dict(), "optimisers": opt.state_dict(), "ema": ema and ema.state_dict(),
-                  "sampler": sampler.state_dict(), "step": step, "config": raw_config}  # fmt: skip
+                  "sampler": sampler.state_dict(), "step": step, "skipped_steps": skips.total(), "config": raw_config}  # fmt: skip
         own = {"carry": carry and carry.state_dict(), "rng": checkpoint.rng_state()}
-        checkpoint.save(run_dir / "checkpoints", step, shared, own, env)
+        saved_at = step
+        return checkpoint.save(run_dir / "checkpoints", step, shared, own, env, cfg.keep_checkpoints)
 
     def evaluate() -> dict[str, float]:
+        eval_start = time.perf_counter()
         with ema.applied() if ema is not None else contextlib.nullcontext():
-            return evaluate_model(model, train_split, test_split, cfg.eval, cfg.seed, plan.local_eval_batch_size,
-                                  env.device, autocast, needs_demos)  # fmt: skip
+            metrics = evaluate_model(model, train_split, test_split, cfg.eval, cfg.seed, plan.local_eval_batch_size,
+                                     env.device, autocast, needs_demos)  # fmt: skip
+        metrics["timing/eval_seconds"] = time.perf_counter() - eval_start
+        window.start += metrics["timing/eval_seconds"]  # throughput counts training time only
+        logger.log(metrics, step)
+        if env.is_main:  # the headline figures; metrics.jsonl and wandb hold them all
+            headline = {k: v for k, v in metrics.items() if k.count("/") <= 2 and k.endswith(HEADLINE)}
+            bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in headline.items()))
+        return metrics
 
-    window, last_train, last_eval = MetricWindow(), {}, {}
+    window, skips, last_train, last_eval = MetricWindow(), SkippedSteps(skipped_before), {}, {}
     start, start_step = time.perf_counter(), step
     bar = tqdm(total=plan.last_step, initial=step, disable=not env.is_main, unit="step", dynamic_ncols=True)
     model.train()
-    while step < plan.last_step:
-        rows = slice(env.rank * plan.local_batch_size, (env.rank + 1) * plan.local_batch_size)
-        batch = _to_device(train_split.batch(sampler.next_indices()[rows], needs_demos), env.device)
-        if carry is None:
-            carry = model.initial_carry(batch)
-        step += 1
-        carry, metrics, lrs = train_step(model, carry, batch, opt, cfg, step, plan, autocast)
-        if ema is not None:
-            ema.update()
-        window.add(metrics)
-        bar.update(1)
+    with StopRequest() as stop:
+        while step < plan.last_step:
+            rows = slice(env.rank * plan.local_batch_size, (env.rank + 1) * plan.local_batch_size)
+            batch = _to_device(train_split.batch(sampler.next_indices()[rows], needs_demos), env.device)
+            if carry is None:
+                carry = model.initial_carry(batch)
+            step += 1
+            carry, metrics, lrs, ok = train_step(model, carry, batch, opt, cfg, step, plan, autocast)
+            if ema is not None:
+                ema.update(ok)
+            window.add(metrics)
+            skips.add(ok)
+            bar.update(1)
 
-        if step % cfg.log_interval == 0 or step == plan.last_step:
-            last_train = {**window.reduce(cfg.global_batch_size), **lrs}
-            logger.log(last_train, step)
-            shown = {"loss": "train/lm_loss", "acc": "train/accuracy", "exact": "train/exact_accuracy",
-                     "sps": "timing/samples_per_sec"}  # fmt: skip
-            bar.set_postfix({k: f"{last_train[m]:.3g}" for k, m in shown.items() if m in last_train})
-            if not math.isfinite(last_train.get("train/lm_loss", 0.0)):
-                # Stop before the next checkpoint would overwrite the last good one with NaN weights.
-                bar.close()
-                logger.finish({**last_train, "step": step, "diverged": True})
-                raise FloatingPointError(
-                    f"training diverged: train/lm_loss is {last_train['train/lm_loss']} at step {step}; "
-                    f"{run_dir / 'checkpoints'} keeps the last finite state"
-                )
-        if (plan.eval_every_steps and step % plan.eval_every_steps == 0) or step == plan.last_step:
-            eval_start = time.perf_counter()
-            last_eval = evaluate()
-            last_eval["timing/eval_seconds"] = time.perf_counter() - eval_start
-            window.start += last_eval["timing/eval_seconds"]  # throughput counts training time only
-            logger.log(last_eval, step)
-            if env.is_main:  # the headline figures; metrics.jsonl and wandb hold them all
-                headline = {k: v for k, v in last_eval.items() if k.count("/") <= 2 and k.endswith(HEADLINE)}
-                bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in headline.items()))
-            if cfg.checkpoint_every_eval or step == plan.last_step:
+            if step % cfg.log_interval == 0 or step == plan.last_step:
+                last_train = {**window.reduce(cfg.global_batch_size), **lrs, **skips.metrics()}
+                logger.log(last_train, step)
+                shown = {"loss": "train/lm_loss", "acc": "train/accuracy", "exact": "train/exact_accuracy",
+                         "sps": "timing/samples_per_sec"}  # fmt: skip
+                bar.set_postfix({k: f"{last_train[m]:.3g}" for k, m in shown.items() if m in last_train})
+                if skips.longest_run >= cfg.max_skipped_steps:
+                    bar.close()
+                    logger.finish({**last_train, "step": step, "diverged": True})
+                    raise FloatingPointError(
+                        f"{skips.longest_run} steps in a row up to step {step} had a non-finite loss or gradient "
+                        f"(max_skipped_steps={cfg.max_skipped_steps}); {run_dir / 'checkpoints'} keeps the last "
+                        "good state"
+                    )
+            evaluating = (plan.eval_every_steps and step % plan.eval_every_steps == 0) or step == plan.last_step
+            if evaluating:
+                last_eval = evaluate()
+            if evaluating or step % cfg.checkpoint_interval == 0:
                 save()
+            if stop.agreed(env, step, cfg.log_interval) and step < plan.last_step:
+                folder = save() if saved_at != step else run_dir / "checkpoints" / f"step_{step:08d}"
+                bar.close()
+                logger.close()
+                raise Interrupted(stop.signum, f"stopped by {signal.Signals(stop.signum).name} at step {step}; "
+                                  f"checkpoint {folder}: the same command resumes the run")  # fmt: skip
     bar.close()
+    if not last_eval:  # resumed at its last step (killed before the summary, or extended to evaluate again)
+        last_eval = evaluate()
+    if saved_at != step:
+        save()
 
     elapsed = time.perf_counter() - start
     summary = {

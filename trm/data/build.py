@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -286,7 +287,8 @@ def build_dataset(options: BuildOptions, out_dir: str | Path, log=print) -> dict
         "num_puzzle_identifiers": next_id,
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    remove_stale_builds(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{socket.gethostname()}-{os.getpid()}-", dir=out_dir.parent))
     try:
         for name, w in writers.items():
             w.write(tmp / name, next_id)
@@ -306,6 +308,26 @@ def build_dataset(options: BuildOptions, out_dir: str | Path, log=print) -> dict
         f"{writers['train'].num_examples} train / {writers['test'].num_examples} test examples"
     )
     return info
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_builds(out_dir: Path) -> None:
+    """Delete the temporary folders of builds of ``out_dir`` that were killed on this host (their
+    process is gone); those of live builders and of other hosts stay."""
+    host = socket.gethostname()
+    for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        owner = tmp.name[len(f".{out_dir.name}.tmp-") :].rsplit("-", 2)
+        if len(owner) == 3 and owner[0] == host and owner[1].isdigit() and not _alive(int(owner[1])):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def ensure_dataset(options: BuildOptions, path: str | Path, log=print) -> Path:

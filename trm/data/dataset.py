@@ -9,6 +9,30 @@ import numpy as np
 import torch
 
 from trm.data.grids import IGNORE_LABEL_ID, PAD_ID
+from trm.data.tasks import ArcDataError
+
+
+def _unreadable(path: Path, dataset_dir, why: str) -> ArcDataError:
+    return ArcDataError(f"{path}: {why}; the dataset folder {dataset_dir} is damaged: delete it to rebuild")
+
+
+def _read_json(path: Path, dataset_dir) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise _unreadable(path, dataset_dir, "missing") from None
+    except (ValueError, OSError) as e:
+        raise _unreadable(path, dataset_dir, f"unreadable ({e})") from None
+
+
+def _read_array(path: Path, dataset_dir) -> np.ndarray:
+    """A memory-mapped array; a missing or truncated file names itself."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise _unreadable(path, dataset_dir, "missing") from None
+    except (ValueError, OSError, EOFError) as e:  # a truncated header or body
+        raise _unreadable(path, dataset_dir, f"unreadable ({e})") from None
 
 
 class ArcSplit:
@@ -17,11 +41,11 @@ class ArcSplit:
     def __init__(self, dataset_dir: str | Path, split: str):
         folder = Path(dataset_dir) / split
         self.name = split
-        self.meta = json.loads((folder / "dataset.json").read_text())
-        info = json.loads((Path(dataset_dir) / "build.json").read_text())
+        self.meta = _read_json(folder / "dataset.json", dataset_dir)
+        info = _read_json(Path(dataset_dir) / "build.json", dataset_dir)
         self.tasks: list[str] = info["tasks"]
         self.task_sources: list[str] | None = info.get("task_sources")  # the source of each task
-        load = lambda n: np.load(folder / f"{n}.npy", mmap_mode="r")  # noqa: E731
+        load = lambda n: _read_array(folder / f"{n}.npy", dataset_dir)  # noqa: E731
         self.inputs, self.labels = load("inputs"), load("labels")
         self.demo_inputs, self.demo_labels = load("demo_inputs"), load("demo_labels")
         self.example_demos = load("example_demos")

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from trm.errors import InputError
+
 BUILTIN_SOURCES = {
     "arc-agi-1/training": ("arcagi1", "train"),
     "arc-agi-1/evaluation": ("arcagi1", "eval"),
@@ -30,7 +32,7 @@ BUILTIN_SOURCES = {
 }
 
 
-class ArcDataError(ValueError):
+class ArcDataError(InputError, ValueError):
     """Bad task data; the message names the file and the task at fault."""
 
 

@@ -18,7 +18,6 @@ from trm.data.families.base import (
     Grid,
     components,
     enclosed,
-    palette,
     random_shape,
     register_family,
     scatter,

@@ -1,0 +1,181 @@
+"""The run directory, and the decisions taken before anything is written into it.
+
+``runs/<run_name>/`` (or ``run_dir``) holds ``config.yaml`` (the config the run started with),
+``metrics.jsonl``, ``summary.json`` (written when the run ends), ``checkpoints/``
+(:mod:`trm.checkpoint`) and, with wandb, ``wandb/`` and ``wandb_id.txt``. A directory is:
+
+- *new*: absent, or holding no checkpoint and no metrics (what a run that failed before its first
+  step may leave): it is (re)used;
+- *resumed*: it holds a checkpoint, and the command's config differs from the stored one only in
+  :data:`RESUMABLE_KEYS` (and, with ``extend=true``, :data:`EXTEND_KEYS`); any other difference is
+  refused, each key named with its stored and its new value, and nothing is changed;
+- *finished*: its ``summary.json`` and a checkpoint at its last step exist: rerunning the command
+  says so and changes nothing; ``extend=true`` trains on (a longer schedule) or evaluates again.
+
+:func:`inspect` decides without writing; :func:`open_run` then creates what the run needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from trm import checkpoint
+from trm.errors import InputError
+
+# Keys that may change when a run is resumed: where it logs and how often it evaluates or saves,
+# not what it trains. max_steps only moves where this invocation stops (the schedule keeps its length).
+RESUMABLE_KEYS = ("run_name", "run_dir", "resume", "extend", "device", "compile", "max_steps", "log_interval",
+                  "eval_interval", "checkpoint_interval", "keep_checkpoints", "eval", "wandb")  # fmt: skip
+EXTEND_KEYS = ("epochs",)  # also with extend=true: a longer schedule
+LEFTOVERS = {"config.yaml", "wandb_id.txt", "wandb", "checkpoints"}  # what a run failing before step 1 may leave
+
+
+class RunDirError(InputError, FileExistsError):
+    """A run directory that cannot be used as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+    status: Literal["new", "resume", "finished"]
+    auto_name: bool  # the name was generated: claim a fresh one if it is taken
+    checkpoint_step: int = 0
+
+
+def default_run_name(raw: dict) -> str:
+    parts = [p for p in (raw.get("experiment"), raw.get("preset")) if p] or ["run"]
+    return "-".join(parts) + f"-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def changed_keys(stored: dict, new: dict, allowed: tuple[str, ...]) -> list[str]:
+    """'key: stored X, now Y' for every leaf that differs outside ``allowed`` (top-level names)."""
+    a, b = flatten(stored), flatten(new)
+    lines = []
+    for key in sorted(a.keys() | b.keys()):
+        if key.split(".")[0] in allowed:
+            continue
+        old, now = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if old != now:
+            lines.append(f"{key}: stored {old!r}, now {now!r}")
+    return lines
+
+
+def _holds_results(path: Path) -> list[str]:
+    """What in ``path`` a new run must not overwrite."""
+    found = [p.name for p in path.iterdir() if p.name not in LEFTOVERS]
+    if (path / "checkpoints").is_dir() and any(not p.name.startswith(".") for p in (path / "checkpoints").iterdir()):
+        found.append("checkpoints/")
+    return found
+
+
+def inspect(cfg, raw: dict, last_step: int) -> RunDir:
+    """Decide what the command does with its run directory; writes nothing."""
+    auto = cfg.run_dir is None and cfg.run_name is None
+    path = Path(cfg.run_dir or Path("runs") / (cfg.run_name or default_run_name(raw)))
+    if not path.exists() or auto:
+        return RunDir(path, "new", auto)
+    if not path.is_dir():
+        raise RunDirError(f"run directory {path} is a file")
+    folders = checkpoint.checkpoints(path / "checkpoints")
+    if not folders:
+        found = _holds_results(path)
+        if found:
+            raise RunDirError(f"run directory {path} already holds files ({', '.join(sorted(found))}) and no checkpoint "
+                              "to resume from: pick another +run_name=... or run_dir=..., or delete it")  # fmt: skip
+        return RunDir(path, "new", auto)
+    if not cfg.resume:
+        raise RunDirError(f"run directory {path} holds checkpoints and resume=false: pick another +run_name=... "
+                          "or run_dir=..., or delete it")  # fmt: skip
+    stored = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else None
+    if stored is None:
+        raise RunDirError(f"{path / 'config.yaml'} is missing: cannot check that this command continues the same run")
+    changes = changed_keys(stored, raw, RESUMABLE_KEYS + (EXTEND_KEYS if cfg.extend else ()))
+    if changes:
+        hint = "" if cfg.extend else " (extend=true also allows: " + ", ".join(EXTEND_KEYS) + ")"
+        raise RunDirError(f"cannot resume {path}: the config differs from the stored one{hint}\n  " + "\n  ".join(changes))
+    step = checkpoint.step_of(folders[0])
+    summary = path / "summary.json"
+    finished = summary.is_file() and step >= last_step and not _read_json(summary).get("diverged")
+    return RunDir(path, "finished" if finished and not cfg.extend else "resume", auto, step)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunDirError(f"{path} is unreadable ({e})") from None
+
+
+def finished_summary(run: RunDir) -> dict:
+    return _read_json(run.path / "summary.json")
+
+
+def open_run(run: RunDir, raw: dict, resume_step: int) -> Path:
+    """Create or prepare the directory (rank 0 only); returns its final path. New: the folder is
+    claimed (a generated name taken meanwhile gets a suffix) and config.yaml written. Resumed:
+    metrics.jsonl keeps only the rows up to the checkpoint's step, and an existing summary (a run
+    being extended) is kept under a dated name."""
+    path = run.path
+    if run.status == "new":
+        if run.auto_name:
+            path = _claim(path)
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+        raw["run_name"] = path.name
+        checkpoint.write_text_atomic(path / "config.yaml", yaml.safe_dump(raw, sort_keys=False))
+        return path
+    truncate_metrics(path / "metrics.jsonl", resume_step)
+    summary = path / "summary.json"
+    if summary.is_file():
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        os.replace(summary, path / f"summary.{stamp}.json")
+    return path
+
+
+def _claim(path: Path) -> Path:
+    """Create ``path`` (or ``path-2``, ``path-3``, ...) atomically: two runs started in the same
+    second get different folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise RunDirError(f"no free run directory name next to {path}")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the rows of ``path`` logged at or before ``step`` (those the checkpoint saw); a row cut
+    by a kill is dropped."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            kept.append(line)
+    if kept != lines:
+        checkpoint.write_text_atomic(path, "".join(line + "\n" for line in kept))
