@@ -168,6 +168,10 @@ def test_kaggle_challenges_file_with_solutions(tmp_path):
     _write(tmp_path, "other_solutions.json", {})
     with pytest.raises(ArcDataError, match="no answers for task abc"):
         load_source(str(tmp_path / "other_challenges.json"))
+    _write(tmp_path, "lone_challenges.json", challenges)  # no lone_solutions.json beside it
+    with pytest.raises(ArcDataError, match=f"task abc has test inputs without outputs and the solutions file "
+                       f"{tmp_path / 'lone_solutions.json'} is missing"):  # fmt: skip
+        load_source(str(tmp_path / "lone_challenges.json"))
 
 
 def test_unknown_source_lists_the_valid_ones():

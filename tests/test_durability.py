@@ -316,3 +316,22 @@ def test_a_published_variant_this_model_lacks_is_named(tmp_path):
     torch.save({"model.inner.embed_pos.embedding_weight": torch.zeros(3, 2)}, tmp_path / "p.pt")
     with pytest.raises(CheckpointError, match="tensor model.inner.embed_pos.embedding_weight has no counterpart"):
         checkpoint.initial_weights(str(tmp_path / "p.pt"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_says_where_in_one_line(tiny_dataset, tmp_path):
+    args = tiny_overrides(tiny_dataset, tmp_path / "r", "epochs=400", "log_interval=1")
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "pretrain.py", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not ((tmp_path / "r" / "metrics.jsonl").exists() and len(read_rows(tmp_path / "r")) >= 3):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    step = final_state(tmp_path / "r")["step"]
+    assert last.startswith(f"stopped by SIGINT at step {step}; checkpoint {tmp_path / 'r' / 'checkpoints'}")
+    assert not (tmp_path / "r" / "summary.json").exists()

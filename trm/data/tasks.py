@@ -136,6 +136,11 @@ def load_source(source: str) -> list[ArcTask]:
             solutions = _read_json(solutions_path)
             if not isinstance(solutions, dict):
                 raise ArcDataError(f"{solutions_path}: expected an object mapping task ids to answer lists")
+        unanswered = [k for k, v in challenges.items()
+                      if isinstance(v, dict) and any(isinstance(t, dict) and "output" not in t for t in v.get("test", []))]  # fmt: skip
+        if solutions is None and unanswered and "challenges" in path.name:
+            raise ArcDataError(f"{path}: task {sorted(unanswered)[0]} has test inputs without outputs and the "
+                               f"solutions file {solutions_path} is missing")  # fmt: skip
         tasks = []
         for k, v in sorted(challenges.items()):
             answers = None
