@@ -1,0 +1,267 @@
+"""Speed and memory of a configuration: the training step, the evaluation step, the encoder's share
+and the data pipeline, on CPU or CUDA, after a warm-up.
+
+    python scripts/bench.py experiment=E0v2 preset=cpu
+    python scripts/bench.py --entry encoder experiment=E1v2 preset=cpu --steps 30
+    python scripts/bench.py --entry encoder experiment=E1v2 preset=cpu --compare arch.encoder_pair_layout=overlay
+    python scripts/bench.py experiment=E0v2 compile=true --json out.json --markdown out.md     # on a GPU
+
+Each configuration gets its own model, optimisers and data; ``--compare OVERRIDES`` times a second
+configuration (the first one's overrides, then these) in the same process, the two alternating in
+``--rounds`` chunks of steps, and prints the ratio of their median step times: on a noisy machine
+ratios from one run are the figures that count.
+
+Reported per configuration:
+- train ms/step (median, p10-p90 over every timed step; each step synchronised on CUDA), samples/s,
+  tokens/s (samples x the core's sequence, context positions included);
+- eval ms/batch: a batch run through all ``halt_max_steps`` ACT steps without gradient;
+- encoder share: the conditioner's forward and backward timed alone on the same batches, over the
+  training step (0 for the puzzle embedding's lookup);
+- data samples/s: batches assembled by the data pipeline (sampling, demonstrations, tensors);
+- peak memory: the process's peak RSS on CPU (it only grows, so the second of two compared
+  configurations reports the peak of both), the allocator's peak per configuration on CUDA;
+- on CUDA, model FLOPs utilisation against the device's dense bf16 peak. FLOPs are counted from the
+  shapes (matrix products only, 2 per multiply-add). With B the batch, T = puzzle_emb_len + seq_len,
+  H hidden, I the SwiGLU width, V the vocabulary, one application of the core's shared stack is
+      N = L_layers x B x (2T(3H)H + 4T^2 H + 2T H H + 2T(2I)H + 2T I H)   (qkv, scores and values,
+                                                                          out, gate/up, down)
+  and a training step is N (L_cycles + 1) H_cycles forward + 2 N (L_cycles + 1) backward (the last
+  cycle only) + 3 x 2 B seq_len H V for the output head. An encoder adds the same count over its
+  blocks for the valid demonstration pairs' tokens, x3 when trained (forward and backward), x1 frozen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from trm.cli import ENTRY_POINTS, _schema, compose  # noqa: E402
+from trm.config import plan_run  # noqa: E402
+from trm.data.build import ensure_dataset  # noqa: E402
+from trm.data.dataset import ArcSplit, EpochSampler  # noqa: E402
+from trm.distributed import setup  # noqa: E402
+from trm.ema import EMA  # noqa: E402
+from trm.model.layers import swiglu_width  # noqa: E402
+from trm.train import Optimisers, _forward_dtype, _to_device, build_model, train_step  # noqa: E402
+
+ENTRIES = {"pretrain": "cfg_pretrain", "encoder": "cfg_pretrain_encoder"}
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+
+
+@dataclass
+class Result:
+    name: str
+    overrides: list[str]
+    device: str
+    parameters: int
+    batch: int
+    seq: int
+    train_ms: list[float]
+    eval_ms: float
+    encoder_ms: float
+    data_samples_per_sec: float
+    peak_memory_gib: float
+    train_flops: float
+
+    def row(self, peak_tflops: float | None) -> dict:
+        med = float(np.median(self.train_ms))
+        p10, p90 = np.percentile(self.train_ms, [10, 90])
+        out = {"config": self.name, "train ms/step": med, "p10-p90": f"{p10:.1f}-{p90:.1f}",
+               "samples/s": 1000 * self.batch / med, "tokens/s": 1000 * self.batch * self.seq / med,
+               "eval ms/batch": self.eval_ms, "encoder share": self.encoder_ms / med,
+               "data samples/s": self.data_samples_per_sec, "peak GiB": self.peak_memory_gib}  # fmt: skip
+        if peak_tflops:
+            out["MFU"] = self.train_flops / (med / 1000) / (peak_tflops * 1e12)
+        return out
+
+
+def net_flops(B: int, T: int, H: int, expansion: float, layers: int) -> float:
+    I = swiglu_width(H, expansion)  # noqa: E741
+    per_layer = 2 * T * 3 * H * H + 4 * T * T * H + 2 * T * H * H + 2 * T * 2 * H * I + 2 * T * I * H
+    return B * layers * per_layer
+
+
+def step_flops(cfg, batch: dict, seq_len: int, vocab: int, model) -> float:
+    a = cfg.arch
+    B, T = batch["inputs"].shape[0], a.puzzle_emb_len + seq_len
+    net = net_flops(B, T, a.hidden_size, a.expansion, a.L_layers)
+    calls_per_cycle = a.L_cycles + 1
+    flops = net * calls_per_cycle * a.H_cycles + 2 * net * calls_per_cycle + 3 * 2 * B * seq_len * a.hidden_size * vocab
+    if "demo_mask" in batch:
+        d = getattr(a, "encoder_hidden_size", None) or a.hidden_size
+        pairs = int(batch["demo_mask"].sum())
+        tokens = batch["demo_inputs"].shape[-1] * (1 if getattr(a, "encoder_pair_layout", "sequence") == "overlay" else 2)
+        layers = len(getattr(model.conditioner, "blocks", []))
+        trained = any(p.requires_grad for p in model.conditioner.parameters())
+        flops += (3 if trained else 1) * net_flops(pairs, tokens, d, a.expansion, layers)
+    return float(flops)
+
+
+class Bench:
+    """One configuration, set up once; :meth:`train` times chunks of steps."""
+
+    def __init__(self, entry: str, overrides: list[str], name: str):
+        schema = _schema(ENTRY_POINTS[ENTRIES[entry]][1])
+        self.cfg, _ = compose(ENTRIES[entry], overrides, schema)
+        self.name, self.overrides = name, overrides
+        self.env = setup(self.cfg.device)
+        data_dir = ensure_dataset(self.cfg.data.build_options(), self.cfg.data.resolved_path())
+        self.split = ArcSplit(data_dir, "train")
+        self.plan = plan_run(self.cfg, self.split.examples_per_epoch, self.env.world_size)
+        torch.manual_seed(self.cfg.seed)
+        self.model = build_model(self.cfg, self.split.meta).to(self.env.device)
+        self.opt, self.ema = Optimisers(self.cfg, self.model), EMA(self.model, self.cfg.ema_rate)
+        if self.cfg.compile:
+            self.model.core.compile()
+        self.sampler = EpochSampler(self.split, self.cfg.global_batch_size, self.cfg.seed)
+        dtype = _forward_dtype(self.cfg, self.env.device)
+        self.autocast = functools.partial(torch.autocast, self.env.device.type, dtype=dtype, enabled=dtype != torch.float32)
+        self.needs_demos = self.model.conditioner.needs_demos
+        self.carry, self.step_no, self.times = None, 0, []
+        if self.env.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    def _sync(self):
+        if self.env.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def batch(self) -> dict:
+        idx = self.sampler.next_indices()[: self.plan.local_batch_size]
+        return _to_device(self.split.batch(idx, self.needs_demos), self.env.device)
+
+    def train(self, steps: int, timed: bool = True) -> None:
+        self.model.train()
+        for _ in range(steps):
+            batch = self.batch()
+            self.carry = self.carry or self.model.initial_carry(batch)
+            self._sync()
+            start = time.perf_counter()
+            self.step_no += 1
+            self.carry, _, _, ok = train_step(self.model, self.carry, batch, self.opt, self.cfg, self.step_no, self.plan, self.autocast)
+            self.ema.update(ok)
+            self._sync()
+            if timed:
+                self.times.append(1000 * (time.perf_counter() - start))
+
+    def evaluate(self, batches: int) -> float:
+        """ms per evaluation batch (all ACT steps, no gradient)."""
+        self.model.eval()
+        times = []
+        with torch.no_grad():
+            for i in range(batches + 1):
+                batch = self.batch()
+                self._sync()
+                start = time.perf_counter()
+                with self.autocast():
+                    carry, cond = self.model.initial_carry(batch), self.model.conditioner(batch)
+                    for _ in range(self.cfg.arch.halt_max_steps):
+                        carry, out = self.model(carry, batch, cond)
+                self._sync()
+                if i:  # the first is a warm-up
+                    times.append(1000 * (time.perf_counter() - start))
+        self.model.train()
+        return float(np.median(times))
+
+    def encoder(self, batches: int) -> float:
+        """ms of the conditioner's forward and backward on a training batch (median)."""
+        if not any(p.requires_grad for p in self.model.conditioner.parameters()) and not self.needs_demos:
+            return 0.0
+        times = []
+        for i in range(batches + 1):
+            batch = self.batch()
+            self._sync()
+            start = time.perf_counter()
+            with self.autocast():
+                context = self.model.conditioner(batch).context
+            if context.requires_grad:
+                context.float().square().mean().backward()
+            self._sync()
+            if i:
+                times.append(1000 * (time.perf_counter() - start))
+        self.model.zero_grad(set_to_none=True)
+        return float(np.median(times))
+
+    def data(self, batches: int) -> float:
+        start = time.perf_counter()
+        for _ in range(batches):
+            self.split.batch(self.sampler.next_indices(), self.needs_demos)
+        return batches * self.cfg.global_batch_size / (time.perf_counter() - start)
+
+    def result(self, device_name: str) -> Result:
+        batch = self.batch()
+        cuda = self.env.device.type == "cuda"
+        peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return Result(self.name, self.overrides, device_name, sum(p.numel() for p in self.model.parameters()),
+                      self.plan.local_batch_size, self.cfg.arch.puzzle_emb_len + self.split.seq_len, self.times,
+                      self.evaluate(5), self.encoder(5), self.data(20), peak / 2**30,
+                      step_flops(self.cfg, batch, self.split.seq_len, self.split.meta["vocab_size"], self.model))  # fmt: skip
+
+
+def device_name() -> tuple[str, float | None]:
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+        return name, peak
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads", None
+
+
+def markdown(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    fmt = lambda v: (f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}") if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--entry", choices=sorted(ENTRIES), default="pretrain")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps per configuration")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--rounds", type=int, default=4, help="alternating chunks with --compare")
+    p.add_argument("--compare", nargs="+", default=None, metavar="OVERRIDE", help="a second configuration: these overrides on top")
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--markdown", type=Path, help="write the table here")
+    args, overrides = p.parse_known_args()
+
+    benches = [Bench(args.entry, overrides, "A" if args.compare else "config")]
+    if args.compare:
+        benches.append(Bench(args.entry, overrides + args.compare, "B"))
+    for b in benches:
+        b.train(args.warmup, timed=False)
+    rounds = args.rounds if args.compare else 1
+    for r in range(rounds):  # alternate, so that drifts of the machine hit both alike
+        for b in benches:
+            b.train(args.steps // rounds + (r < args.steps % rounds))
+    name, peak = device_name()
+    results = [b.result(name) for b in benches]
+    rows = [r.row(peak) for r in results]
+    print(f"{name} | torch {torch.__version__} | {' '.join(overrides)}")
+    if args.compare:
+        print(f"B = A + {' '.join(args.compare)}")
+    table = markdown(rows)
+    print(table)
+    if args.compare:
+        ratio = rows[1]["train ms/step"] / rows[0]["train ms/step"]
+        print(f"step time B / A: {ratio:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "results": [asdict(r) for r in results],
+                                         "rows": rows}, indent=2))  # fmt: skip
+    if args.markdown:
+        args.markdown.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
