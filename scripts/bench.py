@@ -28,6 +28,8 @@ Reported per configuration:
   and a training step is N (L_cycles + 1) H_cycles forward + 2 N (L_cycles + 1) backward (the last
   cycle only) + 3 x 2 B seq_len H V for the output head. An encoder adds the same count over its
   blocks for the valid demonstration pairs' tokens, x3 when trained (forward and backward), x1 frozen.
+  Left out: the halting head and an encoder's set aggregation (products over a few vectors per
+  sample: under 0.1 % at full size). tests/test_bench.py checks the count against PyTorch's.
 """
 
 from __future__ import annotations
