@@ -35,6 +35,7 @@ Reported per configuration:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import platform
@@ -131,19 +132,30 @@ class Bench:
         dtype = _forward_dtype(self.cfg, self.env.device)
         self.autocast = functools.partial(torch.autocast, self.env.device.type, dtype=dtype, enabled=dtype != torch.float32)
         self.needs_demos = self.model.conditioner.needs_demos
-        self.carry, self.step_no, self.times = None, 0, []
-        if self.env.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        self.carry, self.step_no, self.times, self.peak_bytes = None, 0, [], 0
 
     def _sync(self):
         if self.env.device.type == "cuda":
             torch.cuda.synchronize()
+
+    @contextlib.contextmanager
+    def _measured(self):
+        """This configuration's own allocator peak, though two configurations take turns (CUDA)."""
+        if self.env.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        yield
+        if self.env.device.type == "cuda":
+            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated())
 
     def batch(self) -> dict:
         idx = self.sampler.next_indices()[: self.plan.local_batch_size]
         return _to_device(self.split.batch(idx, self.needs_demos), self.env.device)
 
     def train(self, steps: int, timed: bool = True) -> None:
+        with self._measured():
+            self._train(steps, timed)
+
+    def _train(self, steps: int, timed: bool) -> None:
         self.model.train()
         for _ in range(steps):
             batch = self.batch()
@@ -203,11 +215,13 @@ class Bench:
 
     def result(self, device_name: str) -> Result:
         batch = self.batch()
+        with self._measured():
+            eval_ms, encoder_ms = self.evaluate(5), self.encoder(5)
         cuda = self.env.device.type == "cuda"
-        peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = self.peak_bytes if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return Result(self.name, self.overrides, device_name, sum(p.numel() for p in self.model.parameters()),
                       self.plan.local_batch_size, self.cfg.arch.puzzle_emb_len + self.split.seq_len, self.times,
-                      self.evaluate(5), self.encoder(5), self.data(20), peak / 2**30,
+                      eval_ms, encoder_ms, self.data(20), peak / 2**30,
                       step_flops(self.cfg, batch, self.split.seq_len, self.split.meta["vocab_size"], self.model))  # fmt: skip
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import trm.rundir as rundir
 import trm.train as train_module
@@ -101,9 +102,18 @@ def test_extend_trains_on_or_evaluates_again_keeping_the_old_summary(tiny_datase
     longer = run(tiny_dataset, tmp_path / "r", "lr_min_ratio=0.1", "extend=true", "epochs=6")
     assert longer["step"] == longer["total_steps"] == first["step"] * 6 // 4
     assert len(list((tmp_path / "r").glob("summary.*.json"))) == 2
+    # The longer schedule is now the stored one (the old config kept): the extended run is finished.
+    assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["epochs"] == 6
+    assert [yaml.safe_load(p.read_text())["epochs"] for p in (tmp_path / "r").glob("config.*.yaml")] == [4]
+    before = folder_hash(tmp_path / "r")
+    assert run(tiny_dataset, tmp_path / "r", "lr_min_ratio=0.1", "epochs=6") == pytest.approx(longer)
+    assert folder_hash(tmp_path / "r") == before
+    # Each evaluation step appears once: the re-evaluation replaced the first final evaluation's row.
+    eval_steps = [r["step"] for r in read_rows(tmp_path / "r") if "eval/train/exact_accuracy" in r]
+    assert eval_steps == sorted(set(eval_steps))
     with pytest.raises(RunDirError) as err:  # a longer schedule needs extend=true
         run(tiny_dataset, tmp_path / "r", "lr_min_ratio=0.1", "epochs=8")
-    assert "epochs: stored 4, now 8" in str(err.value) and "extend=true also allows: epochs" in str(err.value)
+    assert "epochs: stored 6, now 8" in str(err.value) and "extend=true also allows: epochs" in str(err.value)
 
 
 def test_resume_refuses_a_changed_config_naming_each_key(tiny_dataset, tmp_path):
@@ -145,6 +155,7 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tiny_datas
         f.write('{"step": 7, "train/lm_loss": 1.0}\n{"step": 8, "trai')
     run(tiny_dataset, tmp_path / "split", *extra)
     assert f"checkpoint {newest} is unreadable" in capsys.readouterr().out
+    assert (newest.parent.parent / "step_00000006.unreadable" / "state.pt").is_file()  # set aside, not deleted
     assert_same_training(tmp_path / "straight", tmp_path / "split")
     assert len(checkpoint.checkpoints(tmp_path / "split" / "checkpoints")) == 3
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trm.distributed import DistEnv, barrier, broadcast_object
+from trm.distributed import DistEnv, barrier, on_main
 from trm.errors import InputError
 from trm.model.published import from_published, is_published
 
@@ -120,27 +120,41 @@ def _read(path: Path, device) -> dict:
     return state
 
 
+def _newest_readable(root: Path, device, log) -> tuple[Path, dict] | None:
+    """(folder, shared state) of the newest readable checkpoint; an unreadable one is reported and
+    set aside as ``<name>.unreadable`` (kept for inspection, out of the rotation)."""
+    folders = checkpoints(root)
+    for folder in folders:
+        try:
+            return folder, _read(folder / "state.pt", device)
+        except Exception as e:  # noqa: BLE001 - any unreadable file: fall back to the previous one
+            aside = folder.with_name(f"{folder.name}.unreadable")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(folder, aside)
+            log(f"checkpoint {folder / 'state.pt'} is unreadable ({type(e).__name__}: {e}); moved to {aside}, "
+                "using the previous one")  # fmt: skip
+    if folders:
+        raise CheckpointError(f"no readable checkpoint in {root} (tried {', '.join(f.name for f in folders)})")
+    return None
+
+
 def load_latest(root: Path, env: DistEnv, log=print) -> tuple[Path, dict, dict | None] | None:
     """The newest readable checkpoint under ``root``: (folder, shared state, this rank's own part or
     None when the world size changed or its file is unreadable). None when there is none. Rank 0
     chooses the folder, so every rank resumes from the same step."""
-    chosen, shared = None, None
-    if env.is_main:
-        folders = checkpoints(root)
-        for folder in folders:
-            try:
-                shared = _read(folder / "state.pt", env.device)
-                chosen = folder
-                break
-            except Exception as e:  # noqa: BLE001 - any unreadable file: fall back to the previous one
-                log(f"checkpoint {folder / 'state.pt'} is unreadable ({type(e).__name__}: {e}); trying the previous one")
-        if folders and chosen is None:
-            raise CheckpointError(f"no readable checkpoint in {root} (tried {', '.join(f.name for f in folders)})")
-    chosen = broadcast_object(chosen)
+    kept = {}
+
+    def choose() -> Path | None:  # rank 0; only the folder's name travels to the other ranks
+        found = _newest_readable(root, env.device, log)
+        if found is None:
+            return None
+        kept["shared"] = found[1]
+        return found[0]
+
+    chosen = on_main(choose)
     if chosen is None:
         return None
-    if shared is None:
-        shared = _read(chosen / "state.pt", env.device)
+    shared = kept["shared"] if env.is_main else _read(chosen / "state.pt", env.device)
     version = shared.get("format_version", 1)
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{chosen / 'state.pt'} has checkpoint format {version}; this code reads {FORMAT_VERSION}")

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from trm.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -27,7 +29,7 @@ def setup(device: str = "auto") -> DistEnv:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but no CUDA device is available")
+        raise ConfigError("device=cuda but no CUDA device is available (device=auto or device=cpu runs here)")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -59,6 +61,37 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(fn):
+    """``fn()`` run by rank 0 alone (file-system decisions), its result on every rank. When it
+    raises, every rank raises: rank 0 its own exception, the others the same one (or a
+    RuntimeError naming it), so that no rank waits for a broadcast that never comes."""
+    result, error = None, None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            error = e
+    if dist.is_initialized():
+        try:
+            result, error_box = broadcast_object((result, error))
+        except Exception:  # noqa: BLE001 - an exception that does not pickle
+            result, error_box = broadcast_object((None, RuntimeError(f"rank 0 failed: {error!r}")))
+        if error is None and error_box is not None:
+            error = error_box
+    if error is not None:
+        raise error
+    return result
+
+
+def all_reduce_max(value: float, device) -> float:
+    """The largest ``value`` over ranks (one collective)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def all_reduce_sum_(tensors: list[torch.Tensor]) -> None:

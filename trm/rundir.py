@@ -103,9 +103,7 @@ def inspect(cfg, raw: dict, last_step: int) -> RunDir:
     if not cfg.resume:
         raise RunDirError(f"run directory {path} holds checkpoints and resume=false: pick another +run_name=... "
                           "or run_dir=..., or delete it")  # fmt: skip
-    stored = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else None
-    if stored is None:
-        raise RunDirError(f"{path / 'config.yaml'} is missing: cannot check that this command continues the same run")
+    stored = _read_config(path / "config.yaml")
     changes = changed_keys(stored, raw, RESUMABLE_KEYS + (EXTEND_KEYS if cfg.extend else ()))
     if changes:
         hint = "" if cfg.extend else " (extend=true also allows: " + ", ".join(EXTEND_KEYS) + ")"
@@ -118,20 +116,37 @@ def inspect(cfg, raw: dict, last_step: int) -> RunDir:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise RunDirError(f"{path} is unreadable ({e})") from None
+    if not isinstance(value, dict):
+        raise RunDirError(f"{path} does not hold a JSON object")
+    return value
+
+
+def _read_config(path: Path) -> dict:
+    """The stored config a resumed run is checked against."""
+    if not path.is_file():
+        raise RunDirError(f"{path} is missing: cannot check that this command continues the same run")
+    try:
+        value = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise RunDirError(f"{path} is unreadable ({e})") from None
+    if not isinstance(value, dict):
+        raise RunDirError(f"{path} does not hold a config mapping")
+    return value
 
 
 def finished_summary(run: RunDir) -> dict:
     return _read_json(run.path / "summary.json")
 
 
-def open_run(run: RunDir, raw: dict, resume_step: int) -> Path:
+def open_run(run: RunDir, raw: dict, resume_step: int, reevaluate: bool) -> Path:
     """Create or prepare the directory (rank 0 only); returns its final path. New: the folder is
     claimed (a generated name taken meanwhile gets a suffix) and config.yaml written. Resumed:
-    metrics.jsonl keeps only the rows up to the checkpoint's step, and an existing summary (a run
-    being extended) is kept under a dated name."""
+    metrics.jsonl keeps only the rows up to the checkpoint's step (without that step's evaluation
+    when it is run again, ``reevaluate``). Extended: the previous config.yaml and summary.json are
+    kept under dated names and the new config written, so that the longer run is the stored one."""
     path = run.path
     if run.status == "new":
         if run.auto_name:
@@ -141,11 +156,15 @@ def open_run(run: RunDir, raw: dict, resume_step: int) -> Path:
         raw["run_name"] = path.name
         checkpoint.write_text_atomic(path / "config.yaml", yaml.safe_dump(raw, sort_keys=False))
         return path
-    truncate_metrics(path / "metrics.jsonl", resume_step)
+    truncate_metrics(path / "metrics.jsonl", resume_step, drop_eval_at_step=reevaluate)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     summary = path / "summary.json"
     if summary.is_file():
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         os.replace(summary, path / f"summary.{stamp}.json")
+    stored = path / "config.yaml"
+    if raw.get("extend") and changed_keys(_read_config(stored), raw, RESUMABLE_KEYS):  # a longer schedule
+        os.replace(stored, path / f"config.{stamp}.yaml")
+        checkpoint.write_text_atomic(stored, yaml.safe_dump(raw, sort_keys=False))
     return path
 
 
@@ -163,9 +182,10 @@ def _claim(path: Path) -> Path:
     raise RunDirError(f"no free run directory name next to {path}")
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the rows of ``path`` logged at or before ``step`` (those the checkpoint saw); a row cut
-    by a kill is dropped."""
+def truncate_metrics(path: Path, step: int, drop_eval_at_step: bool = False) -> None:
+    """Keep the rows of ``path`` logged at or before ``step`` (those the checkpoint saw), except,
+    with ``drop_eval_at_step``, the evaluation rows of ``step`` itself; a row cut by a kill is
+    dropped."""
     if not path.is_file():
         return
     lines = path.read_text().splitlines()
@@ -175,7 +195,10 @@ def truncate_metrics(path: Path, step: int) -> None:
             row = json.loads(line)
         except ValueError:
             continue
-        if isinstance(row, dict) and row.get("step", 0) <= step:
-            kept.append(line)
+        if not isinstance(row, dict) or row.get("step", 0) > step:
+            continue
+        if drop_eval_at_step and row.get("step") == step and any(k.startswith(("eval/", "ARC/")) for k in row):
+            continue
+        kept.append(line)
     if kept != lines:
         checkpoint.write_text_atomic(path, "".join(line + "\n" for line in kept))

@@ -25,7 +25,7 @@ from trm import checkpoint, rundir
 from trm.config import RunPlan, TrainConfig, plan_run
 from trm.data.build import ensure_dataset, wait_for_dataset
 from trm.data.dataset import ArcSplit, EpochSampler
-from trm.distributed import DistEnv, all_reduce_sum_, broadcast_object, setup, teardown
+from trm.distributed import DistEnv, all_reduce_max, all_reduce_sum_, on_main, setup, teardown
 from trm.ema import EMA
 from trm.errors import InputError, Interrupted
 from trm.evaluate import evaluate_model
@@ -232,32 +232,22 @@ def _forward_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _on_main(env: DistEnv, fn):
-    """``fn()`` on rank 0; its result, or the bad-input error it raised, on every rank."""
-    result, error = None, None
-    if env.is_main:
-        try:
-            result = fn()
-        except InputError as e:
-            error = e
-    result, error = broadcast_object((result, error))
-    if error is not None:
-        raise error
-    return result
-
-
 class StopRequest:
     """SIGINT and SIGTERM (Ctrl-C, Slurm preemption) ask the loop to stop between two steps; it then
-    saves a checkpoint and exits. A second signal interrupts at once (the last checkpoint stays)."""
+    saves a checkpoint and exits. A second signal interrupts a single process at once (the last
+    checkpoint stays)."""
 
-    def __init__(self):
+    def __init__(self, world_size: int):
         self.signum: int | None = None
+        self.world_size = world_size
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame):
-        if self.signum is not None:
+        # Under torchrun a Ctrl-C reaches each worker twice (the terminal's SIGINT, then the agent's
+        # SIGTERM): only a single process escalates on a second signal.
+        if self.signum is not None and self.world_size == 1:
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum = self.signum or signum
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -270,15 +260,13 @@ class StopRequest:
             signal.signal(s, handler)
 
     def agreed(self, env: DistEnv, step: int, every: int) -> bool:
-        """Whether to stop now. One process checks at every step; ranks agree at logging steps (an
-        all-reduce), so that they save the same step together."""
-        if env.world_size == 1:
-            return self.signum is not None
-        if step % every:
-            return False
-        flag = torch.tensor([float(self.signum is not None)], device=env.device)
-        all_reduce_sum_([flag])
-        return bool(flag.item())
+        """Whether to stop now. One process checks at every step; ranks agree at logging steps (one
+        collective), so that they save the same step together, all with the signal one received."""
+        if env.world_size > 1:
+            if step % every:
+                return False
+            self.signum = int(all_reduce_max(float(self.signum or 0), env.device)) or None
+        return self.signum is not None
 
 
 def train(cfg: TrainConfig, raw_config: dict) -> dict[str, float]:
@@ -302,9 +290,9 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
     # checkpoint) runs before anything is written into the run directory.
     train_split, test_split = ArcSplit(data_dir, "train"), ArcSplit(data_dir, "test")
     plan = plan_run(cfg, train_split.examples_per_epoch, env.world_size)
-    run = _on_main(env, lambda: rundir.inspect(cfg, raw_config, plan.last_step))
+    run = on_main(lambda: rundir.inspect(cfg, raw_config, plan.last_step))
     if run.status == "finished":
-        summary = _on_main(env, lambda: rundir.finished_summary(run))
+        summary = on_main(lambda: rundir.finished_summary(run))
         if env.is_main:
             print(f"run {run.path} is finished (step {run.checkpoint_step} of {plan.last_step}); its summary is "
                   f"{run.path / 'summary.json'}. Nothing changed; extend=true trains on or evaluates again.")  # fmt: skip
@@ -331,7 +319,7 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
         if own is not None:
             checkpoint.set_rng_state(own["rng"])
             carry = Carry(**own["carry"]) if own["carry"] is not None else None
-    run_dir = _on_main(env, lambda: rundir.open_run(run, raw_config, step))
+    run_dir = on_main(lambda: rundir.open_run(run, raw_config, step, reevaluate=step >= plan.last_step))
 
     if cfg.compile:
         model.core.compile()
@@ -375,7 +363,7 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
     start, start_step = time.perf_counter(), step
     bar = tqdm(total=plan.last_step, initial=step, disable=not env.is_main, unit="step", dynamic_ncols=True)
     model.train()
-    with StopRequest() as stop:
+    with StopRequest(env.world_size) as stop:
         while step < plan.last_step:
             rows = slice(env.rank * plan.local_batch_size, (env.rank + 1) * plan.local_batch_size)
             batch = _to_device(train_split.batch(sampler.next_indices()[rows], needs_demos), env.device)
