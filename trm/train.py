@@ -27,7 +27,7 @@ from trm.data.build import ensure_dataset, wait_for_dataset
 from trm.data.dataset import ArcSplit, EpochSampler
 from trm.distributed import DistEnv, all_reduce_max, all_reduce_sum_, on_main, setup, teardown
 from trm.ema import EMA
-from trm.errors import InputError, Interrupted
+from trm.errors import Interrupted
 from trm.evaluate import evaluate_model
 from trm.logger import RunLogger
 from trm.losses import act_loss
