@@ -1,10 +1,12 @@
 """The training loop behind ``pretrain.py`` and ``pretrain_encoder.py``.
 
-One call of :func:`train` builds (or finds) the dataset, the model with its conditioner, the
-optimisers and the run directory, then loops: draw a global batch, run one ACT supervision step,
-reduce gradients across ranks, clip, step the optimisers, update the EMA; log every
-``log_interval`` steps; evaluate (with the EMA weights) and checkpoint every ``eval_interval``
-epochs and at the end.
+One call of :func:`train` builds (or finds) the dataset, the model with its conditioner and the
+optimisers, decides what the run directory holds (new, resumed or finished: :mod:`trm.rundir`), and
+only then writes into it. It then loops: draw a global batch, run one ACT supervision step, reduce
+gradients across ranks, clip, step the optimisers (skipping an update whose gradient is not finite),
+update the EMA; log every ``log_interval`` steps; evaluate (with the EMA weights) every
+``eval_interval`` epochs and at the end; checkpoint at evaluations, every ``checkpoint_interval``
+steps, and on SIGINT/SIGTERM before exiting.
 """
 
 from __future__ import annotations
