@@ -325,6 +325,12 @@ def test_published_trm_weights_start_a_run(tiny_dataset, tmp_path, prefix):
         torch.testing.assert_close(state["model"][k], v, atol=2e-5, rtol=0, msg=k)
     for shadow, p in zip(state["ema"]["shadow"], [p for p in source.parameters() if p.requires_grad], strict=True):
         torch.testing.assert_close(shadow, p, atol=1e-5, rtol=0)
+    # max_steps=0: the published weights evaluated as they are, no training step.
+    summary = run(tiny_dataset, tmp_path / "eval", f"init_from={tmp_path / 'published.pt'}", "max_steps=0")
+    assert summary["step"] == 0 and 0 <= summary["ARC/pass@2"] <= 1 and "eval/train/exact_accuracy" in summary
+    state = final_state(tmp_path / "eval")
+    for k, v in source.state_dict().items():
+        assert torch.equal(state["model"][k], v), k
 
 
 def test_a_published_variant_this_model_lacks_is_named(tmp_path):

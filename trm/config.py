@@ -105,7 +105,9 @@ class TrainConfig(Strict):
     global_batch_size: int = Field(768, ge=1)
     epochs: int = Field(100000, ge=1)
     eval_interval: int | None = Field(10000, ge=1, description="epochs between evaluations (None: only at the end)")
-    max_steps: int | None = Field(None, ge=1, description="stop after this many steps (schedules keep the full length)")
+    max_steps: int | None = Field(
+        None, ge=0, description="stop after this many steps (schedules keep the full length); 0 with init_from: "
+        "evaluate the given weights only")
 
     lr: float = Field(1e-4, gt=0)
     lr_scale: float = Field(
@@ -190,7 +192,7 @@ def plan_run(cfg: TrainConfig, examples_per_epoch: int, world_size: int) -> RunP
         local_batch_size=cfg.global_batch_size // world_size,
         examples_per_epoch=examples_per_epoch,
         total_steps=total,
-        last_step=min(total, cfg.max_steps or total),
+        last_step=total if cfg.max_steps is None else min(total, cfg.max_steps),
         eval_every_steps=every,
         local_eval_batch_size=eval_batch // world_size,
     )
