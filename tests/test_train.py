@@ -144,16 +144,16 @@ def test_train_metrics_count_only_the_samples_that_halt():
     model.register_forward_hook(lambda module, args, result: outputs.append(result[1]))
     autocast = functools.partial(torch.autocast, "cpu", enabled=False)
 
-    carry, first, _, _ = train_step(model, model.initial_carry(batch), batch, opt, cfg, 1, plan, autocast)
+    carry, first, _, ok = train_step(model, model.initial_carry(batch), batch, opt, cfg, 1, plan, autocast)
     assert not carry.halted.any()  # q_halt = -5: only the step limit halts
     window = MetricWindow()
-    window.add(first)
+    window.add(first, ok)
     assert "train/steps" not in window.reduce(4)  # nothing halted: no value, not 0
 
     carry.halted[0] = True  # slot 0 restarts with the next example; slots 1-3 reach step 2 and halt
-    carry, second, _, _ = train_step(model, carry, batch, opt, cfg, 2, plan, autocast)
+    carry, second, _, ok = train_step(model, carry, batch, opt, cfg, 2, plan, autocast)
     assert carry.halted.tolist() == [False, True, True, True]
-    window.add(second)
+    window.add(second, ok)
     got = window.reduce(4)
     out = outputs[-1]
     halted = [1, 2, 3]

@@ -11,6 +11,7 @@ import os
 import uuid
 from pathlib import Path
 
+from trm.checkpoint import write_text_atomic
 from trm.config import WandbConfig
 
 
@@ -75,7 +76,7 @@ class RunLogger:
     def finish(self, summary: dict[str, float]) -> None:
         """Write ``summary.json`` (the run is over) and close."""
         if self.enabled:
-            write_json_atomic(self.run_dir / "summary.json", summary)
+            write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             if self.wandb is not None:
                 self.wandb.summary.update(summary)
         self.close()
@@ -87,9 +88,3 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)

@@ -47,6 +47,7 @@ class RunDir:
     status: Literal["new", "resume", "finished"]
     auto_name: bool  # the name was generated: claim a fresh one if it is taken
     checkpoint_step: int = 0
+    longer: bool = False  # extend=true with a longer schedule: the new config becomes the stored one
 
 
 def default_run_name(raw: dict) -> str:
@@ -111,7 +112,8 @@ def inspect(cfg, raw: dict, last_step: int) -> RunDir:
     step = checkpoint.step_of(folders[0])
     summary = path / "summary.json"
     finished = summary.is_file() and step >= last_step and not _read_json(summary).get("diverged")
-    return RunDir(path, "finished" if finished and not cfg.extend else "resume", auto, step)
+    longer = bool(changed_keys(stored, raw, RESUMABLE_KEYS))  # only EXTEND_KEYS can differ here
+    return RunDir(path, "finished" if finished and not cfg.extend else "resume", auto, step, longer)
 
 
 def _read_json(path: Path) -> dict:
@@ -161,10 +163,9 @@ def open_run(run: RunDir, raw: dict, resume_step: int, reevaluate: bool) -> Path
     summary = path / "summary.json"
     if summary.is_file():
         os.replace(summary, path / f"summary.{stamp}.json")
-    stored = path / "config.yaml"
-    if raw.get("extend") and changed_keys(_read_config(stored), raw, RESUMABLE_KEYS):  # a longer schedule
-        os.replace(stored, path / f"config.{stamp}.yaml")
-        checkpoint.write_text_atomic(stored, yaml.safe_dump(raw, sort_keys=False))
+    if run.longer:
+        os.replace(path / "config.yaml", path / f"config.{stamp}.yaml")
+        checkpoint.write_text_atomic(path / "config.yaml", yaml.safe_dump(raw, sort_keys=False))
     return path
 
 

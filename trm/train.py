@@ -129,9 +129,9 @@ def total_loss(out, carry: Carry) -> tuple[torch.Tensor, dict[str, torch.Tensor]
 def train_step(model, carry: Carry, batch, opt: Optimisers, cfg: TrainConfig, step: int, plan: RunPlan, autocast):
     """One supervision step for every slot. Returns the new carry, the step's metrics as
     (sum, count) pairs over the local batch, the learning rates, and ``ok`` (0-dim bool): False when
-    the global gradient was not finite, the update then skipped (weights, optimiser state and the
-    metrics of the step left out; every slot restarts on a new example). No host-device
-    synchronisation."""
+    the global gradient was not finite, the update then skipped (weights and optimiser state
+    unchanged, every slot restarts on a new example; :class:`MetricWindow` leaves the step's
+    metrics out). No host-device synchronisation."""
     with autocast():
         carry, out = model(carry, batch)
         loss, sums = total_loss(out, carry)
@@ -166,7 +166,6 @@ def train_step(model, carry: Carry, batch, opt: Optimisers, cfg: TrainConfig, st
     metrics.update(context_diagnostics(out.conditioning.context, carry.data["task_ids"]))
     metrics.update({"grad/total_norm": (total_norm, one), "grad/trm_norm": (trm_norm, one),
                     "grad/encoder_norm": (enc_norm, one)})  # fmt: skip
-    metrics = {k: (torch.where(ok, num, 0.0), torch.where(ok, den, 0.0)) for k, (num, den) in metrics.items()}
     return carry, metrics, lrs, ok
 
 
@@ -178,9 +177,10 @@ class MetricWindow:
         self.pairs: dict[str, torch.Tensor] = {}
         self.steps, self.start = 0, time.perf_counter()
 
-    def add(self, metrics: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def add(self, metrics: dict[str, tuple[torch.Tensor, torch.Tensor]], ok: torch.Tensor) -> None:
+        """One step's metrics; those of a skipped step (``ok`` False) count as no sample."""
         for k, (num, den) in metrics.items():
-            pair = torch.stack([num.detach().double(), den.detach().double()])
+            pair = torch.where(ok, torch.stack([num.detach().double(), den.detach().double()]), 0.0)
             self.pairs[k] = self.pairs[k] + pair if k in self.pairs else pair
         self.steps += 1
 
@@ -201,15 +201,15 @@ class SkippedSteps:
     """Counts the steps whose update was skipped (non-finite gradient) on the device; read at
     logging steps only. ``longest_run``: the most skipped in a row seen at the last read."""
 
-    def __init__(self, before: int = 0):
-        self.count = torch.tensor(float(before))
-        self.run = self.worst = torch.zeros(())
+    def __init__(self, before: int, device: torch.device):
+        self.count = torch.tensor(float(before), device=device)
+        self.run = self.worst = torch.zeros((), device=device)
         self.longest_run = 0
 
     def add(self, ok: torch.Tensor) -> None:
         skipped = (~ok).to(torch.float32)
-        self.count, self.run = self.count.to(ok.device) + skipped, (self.run.to(ok.device) + 1) * skipped
-        self.worst = torch.maximum(self.worst.to(ok.device), self.run)
+        self.count, self.run = self.count + skipped, (self.run + 1) * skipped
+        self.worst = torch.maximum(self.worst, self.run)
 
     def total(self) -> int:
         return int(self.count.item())
@@ -361,7 +361,7 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
             bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in headline.items()))
         return metrics
 
-    window, skips, last_train, last_eval = MetricWindow(), SkippedSteps(skipped_before), {}, {}
+    window, skips, last_train, last_eval = MetricWindow(), SkippedSteps(skipped_before, env.device), {}, {}
     start, start_step = time.perf_counter(), step
     bar = tqdm(total=plan.last_step, initial=step, disable=not env.is_main, unit="step", dynamic_ncols=True)
     model.train()
@@ -375,7 +375,7 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
             carry, metrics, lrs, ok = train_step(model, carry, batch, opt, cfg, step, plan, autocast)
             if ema is not None:
                 ema.update(ok)
-            window.add(metrics)
+            window.add(metrics, ok)
             skips.add(ok)
             bar.update(1)
 
