@@ -1,7 +1,10 @@
 """What every demo encoder shares: embedding of demonstration pairs, a grid transformer run on the
 valid pairs only, per-pair pooling, and the final mapping to context tokens.
 
-Shapes: demo_inputs, demo_labels (B, D, L) tokens with L = grid_size^2; demo_mask (B, D).
+Demonstrations arrive packed (``batch["demos"]``, :class:`trm.data.demos.PackedDemos`: each
+distinct pair of the batch once, cropped to its cells, in length buckets; the default,
+``arch.encoder_packing``) or on the canvas (demo_inputs, demo_labels (B, D, L) tokens with
+L = grid_size^2, demo_mask (B, D)). Both become cell triples, so both give the same vectors.
 How a pair's cells become tokens is ``arch.encoder_pair_layout`` (:class:`PairEmbedding`), plus a
 CLS token with CLS pooling. PAD cells are masked in attention and pooling; absent demonstrations
 are never encoded.
@@ -18,7 +21,7 @@ from torch import nn
 
 from encoders.config import EncoderArchConfig
 from encoders.registry import POOLINGS
-from trm.data.grids import PAD_ID
+from trm.data.demos import PackedDemos, cell_mask, cell_triples
 from trm.model.conditioning import Conditioner, Conditioning
 from trm.model.layers import Block, linear, rms_norm, trunc_normal_
 
@@ -49,28 +52,25 @@ class PairEmbedding(nn.Module):
         for w in (self.colour.weight, self.row, self.col, extra):
             trunc_normal_(w, 0.5)  # four terms: unit scale in sum
 
-    def forward(self, inputs: torch.Tensor, outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """inputs, outputs: (N, L) tokens -> tokens (N, T, dim) and their mask (N, T), True where a
-        cell holds something (T = 2L for sequence, L for overlay)."""
+    def forward(self, triples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, T) cell triples (colour, second, position) of :mod:`trm.data.demos` -> tokens
+        (N, T, dim) and their mask (N, T), True where a cell holds something."""
         S = self.grid_size
-        position = (self.row[:, None, :] + self.col[None, :, :]).reshape(S * S, -1)
-        if self.layout == "overlay":
-            x = self.colour(inputs) + self.output_colour(outputs) + position
-            return x, (inputs != PAD_ID) | (outputs != PAD_ID)
-        x_in = self.colour(inputs) + position + self.channel[0]
-        x_out = self.colour(outputs) + position + self.channel[1]
-        return torch.cat([x_in, x_out], dim=1), torch.cat([inputs != PAD_ID, outputs != PAD_ID], dim=1)
+        colour, second, cell = triples.unbind(-1)
+        x = self.colour(colour) + self.row[cell // S] + self.col[cell % S]
+        x = x + (self.output_colour(second) if self.layout == "overlay" else self.channel[second])
+        return x, cell_mask(triples, self.layout)
 
 
 class DemoEncoder(Conditioner):
     """Base of the demonstration encoders; subclasses implement :meth:`aggregate`."""
 
-    needs_demos = True
     default_layers = 2
 
     def __init__(self, arch: EncoderArchConfig, metadata: dict):
         super().__init__()
         self.arch = arch
+        self.demos = arch.encoder_pair_layout if arch.encoder_packing else "padded"
         d = arch.encoder_hidden_size or arch.hidden_size
         heads = arch.encoder_num_heads or arch.num_heads
         self.dim, self.heads = d, heads
@@ -91,19 +91,34 @@ class DemoEncoder(Conditioner):
         if self.arch.freeze_encoder:
             self.requires_grad_(False)
 
-    def encode_pairs(self, demo_inputs, demo_labels, demo_mask) -> torch.Tensor:
-        """One vector per demonstration: (B, D, d), zero where the demonstration is absent."""
-        B, D, L = demo_inputs.shape
-        # Only valid pairs are encoded (demonstrations are padded to max_demos, about 3 of 10 are
-        # real). Selecting them costs one host-device synchronisation, far cheaper than 3x compute.
-        index = demo_mask.flatten().nonzero().squeeze(-1)
-        inputs = demo_inputs.flatten(0, 1)[index]
-        outputs = demo_labels.flatten(0, 1)[index]
-        x, cells = self.embed(inputs, outputs)
+    def encode_cells(self, triples: torch.Tensor) -> torch.Tensor:
+        """(N, T, 3) cell triples of N pairs -> (N, d) pair vectors."""
+        x, cells = self.embed(triples)
         x, cells = self.pooling.prepend(x, cells)
         for block in self.blocks:
             x = block(x, key_mask=cells)
-        pooled = self.pooling(rms_norm(x, self.arch.rms_norm_eps), cells)
+        return self.pooling(rms_norm(x, self.arch.rms_norm_eps), cells)
+
+    def compile_pairs(self) -> None:
+        """torch.compile the pair transformer, with dynamic shapes: the packed blocks change their
+        number of pairs and length from step to step."""
+        self.encode_cells = torch.compile(self.encode_cells, dynamic=True)
+
+    def encode_packed(self, demos: PackedDemos) -> torch.Tensor:
+        """One vector per demonstration slot from packed pairs: (B, D, d), zero where the slot is
+        empty. Each block of the pool is encoded on its own (no cell attends across pairs)."""
+        pool = [self.encode_cells(block) for block in demos.blocks]
+        empty = torch.zeros(1, self.dim, dtype=pool[0].dtype if pool else torch.float32, device=demos.index.device)
+        return torch.cat([*pool, empty])[demos.index]  # empty slots point at the zero row
+
+    def encode_padded(self, demo_inputs, demo_labels, demo_mask) -> torch.Tensor:
+        """The same from (B, D, L) canvases: (B, D, d). Only present pairs are encoded; selecting
+        them costs a host-device synchronisation (``nonzero``), which the packed form avoids."""
+        B, D, L = demo_inputs.shape
+        index = demo_mask.flatten().nonzero().squeeze(-1)
+        triples = cell_triples(demo_inputs.flatten(0, 1)[index].long(), demo_labels.flatten(0, 1)[index].long(),
+                               self.arch.encoder_pair_layout)  # fmt: skip
+        pooled = self.encode_cells(triples)
         out = pooled.new_zeros(B * D, self.dim)
         return out.index_copy(0, index, pooled).view(B, D, self.dim)
 
@@ -133,14 +148,20 @@ class DemoEncoder(Conditioner):
         return 2**0.5 * torch.sin(puzzle_ids[:, None].double() * self.code_freq.double() + self.code_phase.double()).float()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Conditioning:
-        mask = self.select_demos(batch["demo_mask"])
-        pairs = self.encode_pairs(batch["demo_inputs"], batch["demo_labels"], mask)
+        if "demos" in batch:
+            demos = batch["demos"]
+            mask, pairs = self.select_demos(demos.mask), self.encode_packed(demos)
+            if self.arch.num_demos is not None:  # pairs past num_demos were encoded with their pool
+                pairs = pairs * mask[..., None].to(pairs.dtype)
+        else:
+            mask = self.select_demos(batch["demo_mask"])
+            pairs = self.encode_padded(batch["demo_inputs"], batch["demo_labels"], mask)
         out = self.aggregate(pairs, mask)
         if self.arch.identity_target_weight > 0:
             # The plan's identity-encoder test: can the encoder pass known embeddings through?
             target = self.arch.encoder_context_scale * self.puzzle_code(batch["puzzle_identifiers"])
             mse = (out.context[:, 0].float() - target).square().mean(-1)  # (B,)
-            n = torch.tensor(float(mse.shape[0]), device=mse.device)
+            n = torch.full((), float(mse.shape[0]), device=mse.device)
             out.aux_losses["identity_loss"] = self.arch.identity_target_weight * mse.sum()
             out.metrics["train/identity_mse"] = (mse.sum().detach(), n)
         return out

@@ -32,6 +32,9 @@ class EncoderArchConfig(ArchConfig):
     encoder_pair_layout: Literal["sequence", "overlay"] = Field(
         "sequence", description="a pair's tokens: input cells then output cells (sequence), or one token per "
         "cell holding both colours (overlay)")
+    encoder_packing: bool = Field(
+        True, description="encode each distinct demonstration pair of a batch once, cropped to its cells "
+        "(false: every pair on the full canvas, PAD masked; the same vectors, slower)")
     encoder_context_scale: float = Field(
         1.0, gt=0, description="RMS of each context token the encoder gives the core (1: the scale of the "
         "token embeddings)")

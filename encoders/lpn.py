@@ -19,7 +19,7 @@ from encoders.base import DemoEncoder
 from encoders.pooling import masked_mean
 from encoders.registry import register_encoder
 from trm.model.conditioning import Conditioning
-from trm.model.layers import Block, linear
+from trm.model.layers import Block, at_least_float32, linear
 
 LOGVAR_RANGE = (-10.0, 10.0)  # exp stays within float range and the KL finite
 
@@ -57,12 +57,12 @@ class LPNVariationalEncoder(DemoEncoder):
         self.mu, self.logvar = linear(self.dim, self.dim, bias=True), linear(self.dim, self.dim, bias=True)
 
     def aggregate(self, pairs, mask) -> Conditioning:
-        mu = self.mu(pairs).float()
-        logvar = self.logvar(pairs).float().clamp(*LOGVAR_RANGE)
+        mu = at_least_float32(self.mu(pairs))
+        logvar = at_least_float32(self.logvar(pairs)).clamp(*LOGVAR_RANGE)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if self.training else mu
         kl_per_pair = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(-1)  # (B, D)
         kl = masked_mean(kl_per_pair.unsqueeze(-1), mask, dim=1).squeeze(-1)  # (B,)
-        n = torch.tensor(float(kl.shape[0]), device=kl.device)
+        n = torch.full((), float(kl.shape[0]), device=kl.device)
         return Conditioning(
             self.context_from(masked_mean(z.to(pairs.dtype), mask, dim=1)),
             aux_losses={"kl_loss": self.arch.kl_weight * kl.sum()},

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from encoders.registry import register_pooling
-from trm.model.layers import linear, trunc_normal_
+from trm.model.layers import at_least_float32, linear, trunc_normal_
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
@@ -53,7 +53,8 @@ class AttentionPooling(Pooling):
     def forward(self, h, mask):
         scores = self.key(h) @ self.query.to(h.dtype) / math.sqrt(h.shape[-1])  # (N, T)
         # The lowest finite value, not -inf: a row with no valid cell gets finite uniform weights.
-        scores = scores.float().masked_fill(~mask, torch.finfo(torch.float32).min)
+        scores = at_least_float32(scores)
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         weights = torch.softmax(scores, dim=-1).to(h.dtype)
         return (weights.unsqueeze(-1) * self.value(h)).sum(1)
 

@@ -3,23 +3,28 @@ and the data pipeline, on CPU or CUDA, after a warm-up.
 
     python scripts/bench.py experiment=E0v2 preset=cpu
     python scripts/bench.py --entry encoder experiment=E1v2 preset=cpu --steps 30
-    python scripts/bench.py --entry encoder experiment=E1v2 preset=cpu --compare arch.encoder_pair_layout=overlay
+    python scripts/bench.py --entry encoder experiment=E1v2 preset=cpu --compare arch.encoder_packing=false
+    python scripts/bench.py experiment=E0v2 preset=cpu --compare experiment=E1v2 --compare-entry encoder
     python scripts/bench.py experiment=E0v2 compile=true --json out.json --markdown out.md     # on a GPU
 
 Each configuration gets its own model, optimisers and data; ``--compare OVERRIDES`` times a second
-configuration (the first one's overrides, then these) in the same process, the two alternating in
-``--rounds`` chunks of steps, and prints the ratio of their median step times: on a noisy machine
-ratios from one run are the figures that count.
+configuration (the first one's overrides, then these; ``--compare-entry`` for the other entry point;
+``--bf16-weights`` for the weights themselves in bfloat16) in the same process, the two alternating
+in ``--rounds`` chunks of steps, and prints the ratio of their median step times: on a noisy machine
+ratios from one run are the figures that count. The training step runs as in ``trm/train.py``:
+batches from the background feed, demonstrations packed for the slots' examples.
 
 Reported per configuration:
 - train ms/step (median, p10-p90 over every timed step; each step synchronised on CUDA), samples/s,
   tokens/s (samples x the core's sequence, context positions included);
 - eval ms/batch: a batch run through all ``halt_max_steps`` ACT steps without gradient;
-- encoder share: the conditioner's forward and backward timed alone on the same batches, over the
-  training step (0 for the puzzle embedding's lookup);
+- encoder share: the conditioner's forward and backward timed alone on batches of new examples,
+  over the training step (0 for the puzzle embedding's lookup; on CUDA it has read more than the
+  whole step: compare step times instead);
 - data samples/s: batches assembled by the data pipeline (sampling, demonstrations, tensors);
 - peak memory: the process's peak RSS on CPU (it only grows, so the second of two compared
   configurations reports the peak of both), the allocator's peak per configuration on CUDA;
+- loss: the mean lm_loss of the timed steps (two configurations see the same batches);
 - on CUDA, model FLOPs utilisation against the device's dense bf16 peak. FLOPs are counted from the
   shapes (matrix products only, 2 per multiply-add). With B the batch, T = puzzle_emb_len + seq_len,
   H hidden, I the SwiGLU width, V the vocabulary, one application of the core's shared stack is
@@ -27,7 +32,9 @@ Reported per configuration:
                                                                           out, gate/up, down)
   and a training step is N (L_cycles + 1) H_cycles forward + 2 N (L_cycles + 1) backward (the last
   cycle only) + 3 x 2 B seq_len H V for the output head. An encoder adds the same count over its
-  blocks for the valid demonstration pairs' tokens, x3 when trained (forward and backward), x1 frozen.
+  blocks for the pairs it computes, x3 when trained (forward and backward), x1 frozen: packed, each
+  block's pairs at the block's length (padding included: what the device runs); padded, the present
+  pairs at the full canvas.
   Left out: the halting head and an encoder's set aggregation (products over a few vectors per
   sample: under 0.1 % at full size). tests/test_bench.py checks the count against PyTorch's.
 """
@@ -36,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import platform
 import resource
@@ -57,7 +63,8 @@ from trm.data.dataset import ArcSplit, EpochSampler  # noqa: E402
 from trm.distributed import setup  # noqa: E402
 from trm.ema import EMA  # noqa: E402
 from trm.model.layers import swiglu_width  # noqa: E402
-from trm.train import Optimisers, _forward_dtype, _to_device, build_model, train_step  # noqa: E402
+from trm.data.pipeline import TrainFeed  # noqa: E402
+from trm.train import Optimisers, build_model, fast_path, train_step  # noqa: E402
 
 ENTRIES = {"pretrain": "cfg_pretrain", "encoder": "cfg_pretrain_encoder"}
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
@@ -77,6 +84,7 @@ class Result:
     data_samples_per_sec: float
     peak_memory_gib: float
     train_flops: float
+    losses: list[float]  # lm_loss of each timed step
 
     def row(self, peak_tflops: float | None) -> dict:
         med = float(np.median(self.train_ms))
@@ -84,7 +92,8 @@ class Result:
         out = {"config": self.name, "train ms/step": med, "p10-p90": f"{p10:.1f}-{p90:.1f}",
                "samples/s": 1000 * self.batch / med, "tokens/s": 1000 * self.batch * self.seq / med,
                "eval ms/batch": self.eval_ms, "encoder share": self.encoder_ms / med,
-               "data samples/s": self.data_samples_per_sec, "peak GiB": self.peak_memory_gib}  # fmt: skip
+               "data samples/s": self.data_samples_per_sec, "peak GiB": self.peak_memory_gib,
+               "loss": float(np.mean(self.losses))}  # fmt: skip
         if peak_tflops:
             out["MFU"] = self.train_flops / (med / 1000) / (peak_tflops * 1e12)
         return out
@@ -102,37 +111,44 @@ def step_flops(cfg, batch: dict, seq_len: int, vocab: int, model) -> float:
     net = net_flops(B, T, a.hidden_size, a.expansion, a.L_layers)
     calls_per_cycle = a.L_cycles + 1
     flops = net * calls_per_cycle * a.H_cycles + 2 * net * calls_per_cycle + 3 * 2 * B * seq_len * a.hidden_size * vocab
-    if "demo_mask" in batch:
+    if model.conditioner.needs_demos:
         d = getattr(a, "encoder_hidden_size", None) or a.hidden_size
-        pairs = int(batch["demo_mask"].sum())
-        tokens = batch["demo_inputs"].shape[-1] * (1 if getattr(a, "encoder_pair_layout", "sequence") == "overlay" else 2)
-        layers = len(getattr(model.conditioner, "blocks", []))
+        layers = len(model.conditioner.blocks)
         trained = any(p.requires_grad for p in model.conditioner.parameters())
-        flops += (3 if trained else 1) * net_flops(pairs, tokens, d, a.expansion, layers)
+        if "demos" in batch:  # packed: each block's pairs at the block's length
+            shapes = [tuple(b.shape[:2]) for b in batch["demos"].blocks]
+        else:
+            tokens = batch["demo_inputs"].shape[-1] * (1 if a.encoder_pair_layout == "overlay" else 2)
+            shapes = [(int(batch["demo_mask"].sum()), tokens)]
+        flops += (3 if trained else 1) * sum(net_flops(n, t, d, a.expansion, layers) for n, t in shapes)
     return float(flops)
 
 
 class Bench:
-    """One configuration, set up once; :meth:`train` times chunks of steps."""
+    """One configuration, set up once; :meth:`train` times chunks of steps. ``bf16_weights``: the
+    weights themselves in bfloat16 and no autocast (the ACT carry then bfloat16 too), to compare
+    with the default autocast over float32 weights."""
 
-    def __init__(self, entry: str, overrides: list[str], name: str):
+    def __init__(self, entry: str, overrides: list[str], name: str, bf16_weights: bool = False):
         schema = _schema(ENTRY_POINTS[ENTRIES[entry]][1])
         self.cfg, _ = compose(ENTRIES[entry], overrides, schema)
-        self.name, self.overrides = name, overrides
+        self.name, self.overrides = name, overrides + (["(bf16 weights)"] if bf16_weights else [])
         self.env = setup(self.cfg.device)
         data_dir = ensure_dataset(self.cfg.data.build_options(), self.cfg.data.resolved_path())
         self.split = ArcSplit(data_dir, "train")
         self.plan = plan_run(self.cfg, self.split.examples_per_epoch, self.env.world_size)
         torch.manual_seed(self.cfg.seed)
         self.model = build_model(self.cfg, self.split.meta).to(self.env.device)
+        if bf16_weights:
+            self.model.to(torch.bfloat16)
         self.opt, self.ema = Optimisers(self.cfg, self.model), EMA(self.model, self.cfg.ema_rate)
-        if self.cfg.compile:
-            self.model.core.compile()
-        self.sampler = EpochSampler(self.split, self.cfg.global_batch_size, self.cfg.seed)
-        dtype = _forward_dtype(self.cfg, self.env.device)
-        self.autocast = functools.partial(torch.autocast, self.env.device.type, dtype=dtype, enabled=dtype != torch.float32)
-        self.needs_demos = self.model.conditioner.needs_demos
-        self.carry, self.step_no, self.times, self.peak_bytes = None, 0, [], 0
+        self.autocast = fast_path(self.cfg, self.model, self.env.device)
+        if bf16_weights:
+            self.autocast = contextlib.nullcontext
+        self.demos = self.model.conditioner.demos
+        sampler = EpochSampler(self.split, self.cfg.global_batch_size, self.cfg.seed)
+        self.feed = TrainFeed(self.split, sampler, slice(0, self.plan.local_batch_size), self.demos, self.env.device)
+        self.carry, self.step_no, self.times, self.losses, self.peak_bytes = None, 0, [], [], 0
 
     def _sync(self):
         if self.env.device.type == "cuda":
@@ -148,8 +164,8 @@ class Bench:
             self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated())
 
     def batch(self) -> dict:
-        idx = self.sampler.next_indices()[: self.plan.local_batch_size]
-        return _to_device(self.split.batch(idx, self.needs_demos), self.env.device)
+        """A batch of new examples (every slot takes one), its demonstrations packed for it."""
+        return self.feed.next()
 
     def train(self, steps: int, timed: bool = True) -> None:
         with self._measured():
@@ -158,16 +174,19 @@ class Bench:
     def _train(self, steps: int, timed: bool) -> None:
         self.model.train()
         for _ in range(steps):
-            batch = self.batch()
-            self.carry = self.carry or self.model.initial_carry(batch)
+            slots = (self.carry.halted, self.carry.data.get("demo_rows")) if self.carry is not None else ()
             self._sync()
-            start = time.perf_counter()
+            start = time.perf_counter()  # the feed's last-moment packing is part of the step
+            batch = self.feed.next(*slots)
+            self.carry = self.carry or self.model.initial_carry(batch)
             self.step_no += 1
-            self.carry, _, _, ok = train_step(self.model, self.carry, batch, self.opt, self.cfg, self.step_no, self.plan, self.autocast)
+            self.carry, metrics, _, ok = train_step(self.model, self.carry, batch, self.opt, self.cfg, self.step_no,
+                                                    self.plan, self.autocast, self.feed)  # fmt: skip
             self.ema.update(ok)
             self._sync()
             if timed:
                 self.times.append(1000 * (time.perf_counter() - start))
+                self.losses.append(float(metrics["train/lm_loss"][0] / metrics["train/lm_loss"][1]))
 
     def evaluate(self, batches: int) -> float:
         """ms per evaluation batch (all ACT steps, no gradient)."""
@@ -190,7 +209,7 @@ class Bench:
 
     def encoder(self, batches: int) -> float:
         """ms of the conditioner's forward and backward on a training batch (median)."""
-        if not any(p.requires_grad for p in self.model.conditioner.parameters()) and not self.needs_demos:
+        if not any(p.requires_grad for p in self.model.conditioner.parameters()) and not self.demos:
             return 0.0
         times = []
         for i in range(batches + 1):
@@ -208,21 +227,25 @@ class Bench:
         return float(np.median(times))
 
     def data(self, batches: int) -> float:
+        """Samples/s of one thread assembling global batches with their demonstrations (packed as
+        the configuration has them), from a sampler of its own."""
+        sampler = EpochSampler(self.split, self.cfg.global_batch_size, self.cfg.seed + 1)
         start = time.perf_counter()
         for _ in range(batches):
-            self.split.batch(self.sampler.next_indices(), self.needs_demos)
+            self.split.batch(sampler.next_indices(), self.demos)
         return batches * self.cfg.global_batch_size / (time.perf_counter() - start)
 
-    def result(self, device_name: str) -> Result:
+    def result(self, device_name: str, batches: int) -> Result:
         batch = self.batch()
         with self._measured():
-            eval_ms, encoder_ms = self.evaluate(5), self.encoder(5)
+            eval_ms, encoder_ms = (self.evaluate(batches), self.encoder(batches)) if batches else (float("nan"),) * 2
         cuda = self.env.device.type == "cuda"
         peak = self.peak_bytes if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return Result(self.name, self.overrides, device_name, sum(p.numel() for p in self.model.parameters()),
                       self.plan.local_batch_size, self.cfg.arch.puzzle_emb_len + self.split.seq_len, self.times,
                       eval_ms, encoder_ms, self.data(20), peak / 2**30,
-                      step_flops(self.cfg, batch, self.split.seq_len, self.split.meta["vocab_size"], self.model))  # fmt: skip
+                      step_flops(self.cfg, batch, self.split.seq_len, self.split.meta["vocab_size"], self.model),
+                      self.losses)  # fmt: skip
 
 
 def device_name() -> tuple[str, float | None]:
@@ -247,31 +270,35 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed training steps per configuration")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--rounds", type=int, default=4, help="alternating chunks with --compare")
-    p.add_argument("--compare", nargs="+", default=None, metavar="OVERRIDE", help="a second configuration: these overrides on top")
+    p.add_argument("--eval-batches", type=int, default=5,
+                   help="batches timed for the evaluation step and the encoder share (0: skip both)")
+    p.add_argument("--compare", nargs="*", default=None, metavar="OVERRIDE", help="a second configuration: these overrides on top")
+    p.add_argument("--compare-entry", choices=sorted(ENTRIES), help="the second configuration's entry point (default: --entry)")
+    p.add_argument("--bf16-weights", action="store_true",
+                   help="the weights in bfloat16 without autocast (the second configuration's, with --compare)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--markdown", type=Path, help="write the table here")
     args, overrides = p.parse_known_args()
 
-    benches = [Bench(args.entry, overrides, "A" if args.compare else "config")]
-    if args.compare:
-        benches.append(Bench(args.entry, overrides + args.compare, "B"))
+    comparing = args.compare is not None
+    benches = [Bench(args.entry, overrides, "A" if comparing else "config", args.bf16_weights and not comparing)]
+    if comparing:
+        benches.append(Bench(args.compare_entry or args.entry, overrides + args.compare, "B", args.bf16_weights))
     for b in benches:
         b.train(args.warmup, timed=False)
-    rounds = args.rounds if args.compare else 1
+    rounds = args.rounds if comparing else 1
     for r in range(rounds):  # alternate, so that drifts of the machine hit both alike
         for b in benches:
             b.train(args.steps // rounds + (r < args.steps % rounds))
     name, peak = device_name()
-    results = [b.result(name) for b in benches]
+    results = [b.result(name, args.eval_batches) for b in benches]
     rows = [r.row(peak) for r in results]
     print(f"{name} | torch {torch.__version__} | {' '.join(overrides)}")
-    if args.compare:
-        print(f"B = A + {' '.join(args.compare)}")
     table = markdown(rows)
-    print(table)
-    if args.compare:
+    if comparing:
         ratio = rows[1]["train ms/step"] / rows[0]["train ms/step"]
-        print(f"step time B / A: {ratio:.3f}")
+        table += f"\n\nB = A + {' '.join(benches[1].overrides[len(overrides):])}; step time B / A: {ratio:.3f}"
+    print(table)
     if args.json:
         args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "results": [asdict(r) for r in results],
                                          "rows": rows}, indent=2))  # fmt: skip

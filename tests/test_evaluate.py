@@ -75,7 +75,7 @@ def test_exact_accuracy_after_all_steps_and_at_the_q_halt_step(tiny_dataset):
     split = ArcSplit(tiny_dataset[0], "train")
     idx = np.arange(split.num_examples)
     m = evaluate_split(_ScriptedModel(), split, idx, local_batch_size=5, device=torch.device("cpu"),
-                       autocast=contextlib.nullcontext, with_demos=False, vote=False, ks=[1], prefix="train")  # fmt: skip
+                       autocast=contextlib.nullcontext, demos=None, vote=False, ks=[1], prefix="train")  # fmt: skip
     assert m["eval/train/exact_accuracy"] == 0.0  # the last step is wrong
     assert m["eval/train/exact_accuracy_at_halt"] == 1.0  # the halting step was right
     assert m["eval/train/examples"] == split.num_examples  # padded rows of the last batch dropped
@@ -163,7 +163,7 @@ class Oracle(torch.nn.Module):
 def evaluate(model, split, indices=None, batch=4):
     indices = np.arange(split.num_examples) if indices is None else indices
     return evaluate_split(model, split, indices, local_batch_size=batch, device=torch.device("cpu"),
-                          autocast=contextlib.nullcontext, with_demos=False, vote=True, ks=[1, 2], prefix="test")  # fmt: skip
+                          autocast=contextlib.nullcontext, demos=None, vote=True, ks=[1, 2], prefix="test")  # fmt: skip
 
 
 def test_pass_at_k_through_evaluate_split_averages_the_tasks_evaluated(hand_split):
@@ -292,9 +292,9 @@ class ContextReader(Oracle):
         return carry, SimpleNamespace(logits=logits, q_halt=torch.ones(len(labels)))
 
 
-def reliance_metrics(model, split, with_demos=False):
+def reliance_metrics(model, split, demos=None):
     return evaluate_split(model, split, np.arange(split.num_examples), local_batch_size=5, device=torch.device("cpu"),
-                          autocast=contextlib.nullcontext, with_demos=with_demos, vote=False, ks=[1], prefix="test",
+                          autocast=contextlib.nullcontext, demos=demos, vote=False, ks=[1], prefix="test",
                           reliance=True)  # fmt: skip
 
 
@@ -325,11 +325,11 @@ def test_reliance_is_zero_when_the_core_ignores_its_context(hand_split, conditio
     model = build_model(cfg, hand_split.meta)
     if conditioner == "puzzle_embedding":
         model.conditioner.weight.normal_()  # the table starts at zero: give each puzzle its own vector
-    with_demos = conditioner != "puzzle_embedding"
-    reads = reliance_metrics(model, hand_split, with_demos)
+    demos = model.conditioner.demos
+    reads = reliance_metrics(model, hand_split, demos)
     forward = model.core.forward
     model.core.forward = lambda z_H, z_L, inputs, context: forward(z_H, z_L, inputs, context * 0)
-    ignores = reliance_metrics(model, hand_split, with_demos)
+    ignores = reliance_metrics(model, hand_split, demos)
     for kind in ("accuracy", "exact_accuracy"):
         right = ignores[f"eval/test/{kind}"]
         assert ignores[f"eval/test/{kind}_wrong_context"] == right == ignores[f"eval/test/{kind}_null_context"]
@@ -357,7 +357,7 @@ def test_each_evaluation_set_of_a_family_benchmark_is_scored_on_its_own(tmp_path
     model = Oracle(test, unseen_params)  # right on every held-out combination, wrong on held-out families
     cfg = EvalConfig(pass_ks=[1, 2], train_groups=5, reliance=False)
     m = evaluate_model(model, train, test, cfg, seed=0, local_batch_size=4, device=torch.device("cpu"),
-                       autocast=contextlib.nullcontext, with_demos=False)  # fmt: skip
+                       autocast=contextlib.nullcontext, demos=None)  # fmt: skip
     assert m["eval/unseen_params/tasks"] == m["eval/unseen_families/tasks"] == 3
     assert m["ARC/unseen_params/pass@1"] == 1.0 and m["eval/unseen_params/exact_accuracy"] == 1.0
     assert m["ARC/unseen_families/pass@1"] == 0.0 and m["eval/unseen_families/exact_accuracy"] == 0.0
@@ -371,7 +371,7 @@ def test_each_evaluation_set_of_a_family_benchmark_is_scored_on_its_own(tmp_path
     names = np.asarray(test.tasks)[test.example_task(unseen_params)]
     recolour_only = unseen_params[np.char.find(names.astype(str), ".recolour.") >= 0]
     m = evaluate_model(Oracle(test, recolour_only), train, test, cfg, seed=0, local_batch_size=4,
-                       device=torch.device("cpu"), autocast=contextlib.nullcontext, with_demos=False)  # fmt: skip
+                       device=torch.device("cpu"), autocast=contextlib.nullcontext, demos=None)  # fmt: skip
     assert m["ARC/unseen_params/recolour/pass@1"] == 1.0 and m["ARC/unseen_params/translate/pass@1"] == 0.0
     assert m["eval/unseen_params/exact_accuracy"] == pytest.approx(len(recolour_only) / len(unseen_params))
     assert train.num_groups == 12

@@ -140,7 +140,9 @@ class TrainConfig(Strict):
         False, description="continue a finished run: with more epochs or max_steps, train on; with the same "
         "length, evaluate its last checkpoint again")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: bool = Field(False, description="torch.compile the recursive core (CUDA)")
+    compile: Literal["auto"] | bool = Field(
+        "auto", description="torch.compile the recursive core and the demonstration encoder (auto: on CUDA)")
+    tf32: bool = Field(True, description="TF32 matrix products on CUDA where float32 remains (outside bf16 autocast)")
 
 
 def _format_errors(err: ValidationError) -> str:

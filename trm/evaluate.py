@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from trm.config import EvalConfig
 from trm.data.dataset import ArcSplit
+from trm.data.pipeline import Prefetcher, to_device
 from trm.data.families import task_family
 from trm.data.grids import decode_grid, inverse_augment
 
@@ -126,13 +127,13 @@ def wrong_contexts(split: ArcSplit, indices: np.ndarray, seed: int) -> np.ndarra
 
 
 def _run_examples(model, split: ArcSplit, indices: np.ndarray, context_from: np.ndarray | None, groups: np.ndarray,
-                  num_groups: int, local_batch_size: int, device, autocast, with_demos: bool,
+                  num_groups: int, local_batch_size: int, device, autocast, demos: str | None,
                   keep_records: bool) -> tuple[torch.Tensor, list[Prediction]]:  # fmt: skip
     """Sums (token accuracy, exact, exact at halt, count) over ``indices`` on this rank, one row
-    per group of ``groups`` (num_groups, 4), and the vote records when ``keep_records``."""
-    sums = torch.zeros(num_groups, 4, dtype=torch.float64, device=device)
-    records: list[Prediction] = []
-    for start in range(0, len(indices), local_batch_size):
+    per group of ``groups`` (num_groups, 4), and the vote records when ``keep_records``. Batches
+    are assembled a few ahead in a background thread."""
+
+    def make_batch(start: int) -> tuple[int, np.ndarray, dict]:
         idx = indices[start : start + local_batch_size]
         # Pad to a fixed batch shape (compiled kernels see one shape); padded rows are dropped.
         padded = np.concatenate([idx, np.full(local_batch_size - len(idx), idx[-1])])
@@ -140,37 +141,43 @@ def _run_examples(model, split: ArcSplit, indices: np.ndarray, context_from: np.
         if context_from is not None:
             ctx = context_from[start : start + local_batch_size]
             ctx = np.concatenate([ctx, np.full(local_batch_size - len(ctx), ctx[-1])])
-        batch = {k: v.to(device, non_blocking=True) for k, v in split.batch(padded, with_demos, ctx).items()}
-        with autocast():
-            carry = model.initial_carry(batch)
-            conditioning = model.conditioner(batch)
-            # Also keep the prediction of the first step whose q_halt > 0, where ACT would stop.
-            halted = torch.zeros(len(padded), dtype=torch.bool, device=device)
-            at_halt = None
-            for _ in range(model.arch.halt_max_steps):
-                carry, out = model(carry, batch, conditioning)
-                preds = out.logits.argmax(-1)
-                at_halt = preds if at_halt is None else torch.where(halted[:, None], at_halt, preds)
-                halted |= out.q_halt > 0
-        n = len(idx)
-        preds, at_halt, labels = preds[:n], at_halt[:n], batch["labels"][:n]
-        mask = labels != -100
-        correct = (mask & (preds == labels)).sum(-1)
-        counts = mask.sum(-1)
-        exact_at_halt = (mask & (at_halt == labels)).sum(-1) == counts
-        per_example = torch.stack([correct / counts.clamp_min(1), correct == counts, exact_at_halt,
-                                   torch.ones_like(correct)], dim=1).double()  # fmt: skip
-        group = torch.as_tensor(groups[start : start + n], device=device)
-        sums.index_add_(0, group, per_example)
-        if keep_records:
-            records += _vote_records(split, idx, preds.to(torch.uint8).cpu().numpy(), out.q_halt[:n].float().cpu().numpy(),
-                                     groups[start : start + n])  # fmt: skip
+        return start, idx, split.batch(padded, demos, ctx)
+
+    sums = torch.zeros(num_groups, 4, dtype=torch.float64, device=device)
+    records: list[Prediction] = []
+    with Prefetcher(iter(range(0, len(indices), local_batch_size)), make_batch) as batches:
+        for start, idx, batch in batches:
+            batch = to_device(batch, device)
+            with autocast():
+                carry = model.initial_carry(batch)
+                conditioning = model.conditioner(batch)
+                # Also keep the prediction of the first step whose q_halt > 0, where ACT would stop.
+                halted = torch.zeros(local_batch_size, dtype=torch.bool, device=device)
+                at_halt = None
+                for _ in range(model.arch.halt_max_steps):
+                    carry, out = model(carry, batch, conditioning)
+                    preds = out.logits.argmax(-1)
+                    at_halt = preds if at_halt is None else torch.where(halted[:, None], at_halt, preds)
+                    halted |= out.q_halt > 0
+            n = len(idx)
+            preds, at_halt, labels = preds[:n], at_halt[:n], batch["labels"][:n]
+            mask = labels != -100
+            correct = (mask & (preds == labels)).sum(-1)
+            counts = mask.sum(-1)
+            exact_at_halt = (mask & (at_halt == labels)).sum(-1) == counts
+            per_example = torch.stack([correct / counts.clamp_min(1), correct == counts, exact_at_halt,
+                                       torch.ones_like(correct)], dim=1).double()  # fmt: skip
+            group = torch.as_tensor(groups[start : start + n], device=device)
+            sums.index_add_(0, group, per_example)
+            if keep_records:
+                records += _vote_records(split, idx, preds.to(torch.uint8).cpu().numpy(),
+                                         out.q_halt[:n].float().cpu().numpy(), groups[start : start + n])
     return sums, records
 
 
 @torch.no_grad()
 def evaluate_split(model, split: ArcSplit, indices: np.ndarray, local_batch_size: int, device: torch.device,
-                   autocast, with_demos: bool, vote: bool, ks: list[int], prefix: str, reliance: bool = False,
+                   autocast, demos: str | None, vote: bool, ks: list[int], prefix: str, reliance: bool = False,
                    seed: int = 0, arc_prefix: str = "ARC", groups: dict[str, np.ndarray] | None = None) -> dict[str, float]:  # fmt: skip
     """Evaluate ``indices`` of ``split``, sharded across ranks; returns metrics on every rank.
 
@@ -209,7 +216,7 @@ def evaluate_split(model, split: ArcSplit, indices: np.ndarray, local_batch_size
     sums, records = [], []
     for suffix, context_from in passes.items():
         part, recs = _run_examples(model, split, indices[mine], None if context_from is None else context_from[mine],
-                                   group_of[mine], len(names) + 1, local_batch_size, device, autocast, with_demos,
+                                   group_of[mine], len(names) + 1, local_batch_size, device, autocast, demos,
                                    keep_records=vote and not suffix)  # fmt: skip
         sums.append(part)
         records += recs
@@ -275,12 +282,12 @@ def family_groups(split: ArcSplit, indices: np.ndarray) -> dict[str, np.ndarray]
 
 
 def evaluate_model(model, train_split: ArcSplit, test_split: ArcSplit, cfg: EvalConfig, seed: int,
-                   local_batch_size: int, device: torch.device, autocast, with_demos: bool) -> dict[str, float]:  # fmt: skip
+                   local_batch_size: int, device: torch.device, autocast, demos: str | None) -> dict[str, float]:  # fmt: skip
     """Every evaluation of a run: the training examples (eval/train/..., no voting) and each set of
     the test split (eval/test/... and ARC/pass@k for one set; eval/<set>/... and ARC/<set>/pass@k
     for several, ARC/pass@k then averaging all their tasks). Tasks of the family benchmark are also
     broken down by family (eval/<set>/<family>/exact_accuracy, ARC/<set>/<family>/pass@k)."""
-    common = dict(local_batch_size=local_batch_size, device=device, autocast=autocast, with_demos=with_demos,
+    common = dict(local_batch_size=local_batch_size, device=device, autocast=autocast, demos=demos,
                   ks=cfg.pass_ks, reliance=cfg.reliance, seed=seed)  # fmt: skip
     metrics: dict[str, float] = {}
     if cfg.on_train:

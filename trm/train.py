@@ -27,6 +27,7 @@ from trm import checkpoint, rundir
 from trm.config import RunPlan, TrainConfig, plan_run
 from trm.data.build import ensure_dataset, wait_for_dataset
 from trm.data.dataset import ArcSplit, EpochSampler
+from trm.data.pipeline import TrainFeed
 from trm.distributed import DistEnv, all_reduce_max, all_reduce_sum_, on_main, setup, teardown
 from trm.ema import EMA
 from trm.errors import Interrupted
@@ -108,7 +109,7 @@ def context_diagnostics(context: torch.Tensor, task_ids: torch.Tensor) -> dict[s
     different = task_ids[:, None] != task_ids[None, :]
     cosine = (flat @ flat.T) * different  # a product, not a boolean index: no synchronisation
     spread = context.flatten(1).std(dim=0, unbiased=False).mean() if B > 1 else context.new_zeros(())
-    n = torch.tensor(float(B), device=context.device)
+    n = torch.full((), float(B), device=context.device)  # a fill, not a copy from the host
     return {
         "encoder/output_norm": (context.norm(dim=-1).mean() * n, n),
         "encoder/cross_puzzle_cosine": (cosine.sum(), different.sum().float()),
@@ -126,14 +127,18 @@ def total_loss(out, carry: Carry) -> tuple[torch.Tensor, dict[str, torch.Tensor]
     return loss, sums
 
 
-def train_step(model, carry: Carry, batch, opt: Optimisers, cfg: TrainConfig, step: int, plan: RunPlan, autocast):
+def train_step(model, carry: Carry, batch, opt: Optimisers, cfg: TrainConfig, step: int, plan: RunPlan, autocast,
+               feed: TrainFeed | None = None):  # fmt: skip
     """One supervision step for every slot. Returns the new carry, the step's metrics as
     (sum, count) pairs over the local batch, the learning rates, and ``ok`` (0-dim bool): False when
     the global gradient was not finite, the update then skipped (weights and optimiser state
-    unchanged, every slot restarts on a new example; :class:`MetricWindow` leaves the step's
-    metrics out). No host-device synchronisation."""
+    unchanged, every slot restarts its example from the initial state; :class:`MetricWindow` leaves
+    the step's metrics out). ``feed`` is shown the slots right after the forward pass
+    (:meth:`TrainFeed.watch`). No host-device synchronisation."""
     with autocast():
         carry, out = model(carry, batch)
+        if feed is not None:
+            feed.watch(carry.halted, carry.data.get("demo_rows"))
         loss, sums = total_loss(out, carry)
     (loss / cfg.global_batch_size).backward()
 
@@ -155,9 +160,14 @@ def train_step(model, carry: Carry, batch, opt: Optimisers, cfg: TrainConfig, st
     opt.dense.zero_grad(set_to_none=True)
     if opt.sparse is not None:
         opt.sparse.step(sparse_grad, ok)
-    carry.halted |= ~ok  # a non-finite state is not carried on
+    # A non-finite state is not carried on: every slot restarts its example (the examples stay,
+    # as the feed saw them).
+    core = model.core
+    carry.z_H = torch.where(ok, carry.z_H, core.H_init.expand_as(carry.z_H))
+    carry.z_L = torch.where(ok, carry.z_L, core.L_init.expand_as(carry.z_L))
+    carry.steps = torch.where(ok, carry.steps, 0)
 
-    samples = torch.tensor(float(carry.halted.numel()), device=device)
+    samples = torch.full((), float(carry.halted.numel()), device=device)  # no host-to-device copy: no sync
     one = torch.ones((), device=device)
     count = sums.pop("count")
     metrics = {f"train/{k}": (v, count if k in PER_HALTED else samples) for k, v in sums.items()}
@@ -221,17 +231,23 @@ class SkippedSteps:
         return {"train/skipped_steps": float(self.count.item())}
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    if device.type == "cuda":
-        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-    return batch
-
-
-def _forward_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+def fast_path(cfg: TrainConfig, model: TinyRecursiveModel, device: torch.device):
+    """Switch on what makes a step fast on ``device`` as the config asks: TF32 matrix products and
+    torch.compile of the core and of the encoder's pair transformer (``compile=auto``: on CUDA).
+    Returns the autocast context of the forward pass (``arch.forward_dtype``; auto: bfloat16 on
+    CUDA, float32 on CPU), which keeps float32 weights and casts them in each matrix product."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+    if cfg.compile is True or (cfg.compile == "auto" and cuda):
+        model.core.compile()
+        if hasattr(model.conditioner, "compile_pairs"):
+            model.conditioner.compile_pairs()
     name = cfg.arch.forward_dtype
     if name == "auto":
-        name = "bfloat16" if device.type == "cuda" else "float32"
-    return getattr(torch, name)
+        name = "bfloat16" if cuda else "float32"
+    dtype = getattr(torch, name)
+    return functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 class StopRequest:
@@ -308,7 +324,7 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
     ema = EMA(model, cfg.ema_rate) if cfg.ema else None
     sampler = EpochSampler(train_split, cfg.global_batch_size, cfg.seed)
     torch.manual_seed(cfg.seed * 7919 + env.rank + 1)  # per-rank randomness (halting exploration)
-    needs_demos = model.conditioner.needs_demos
+    demos = model.conditioner.demos
     step, carry, skipped_before = 0, None, 0
     if run.status == "resume":
         folder, shared, own = checkpoint.load_latest(run.path / "checkpoints", env)
@@ -323,10 +339,7 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
             carry = Carry(**own["carry"]) if own["carry"] is not None else None
     run_dir = on_main(lambda: rundir.open_run(run, raw_config, step, reevaluate=step >= plan.last_step))
 
-    if cfg.compile:
-        model.core.compile()
-    dtype = _forward_dtype(cfg, env.device)
-    autocast = functools.partial(torch.autocast, env.device.type, dtype=dtype, enabled=dtype != torch.float32)
+    autocast = fast_path(cfg, model, env.device)
     logger = RunLogger(run_dir, run_dir.name, raw_config, cfg.wandb, enabled=env.is_main)
     n_params = sum(p.numel() for p in model.parameters())
     if env.is_main:
@@ -343,7 +356,7 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
     def save():
         nonlocal saved_at
         shared = {"model": model.state_dict(), "optimisers": opt.state_dict(), "ema": ema and ema.state_dict(),
-                  "sampler": sampler.state_dict(), "step": step, "skipped_steps": skips.total(), "config": raw_config}  # fmt: skip
+                  "sampler": feed.state_dict(), "step": step, "skipped_steps": skips.total(), "config": raw_config}  # fmt: skip
         own = {"carry": carry and carry.state_dict(), "rng": checkpoint.rng_state()}
         saved_at = step
         return checkpoint.save(run_dir / "checkpoints", step, shared, own, env, cfg.keep_checkpoints)
@@ -352,7 +365,7 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
         eval_start = time.perf_counter()
         with ema.applied() if ema is not None else contextlib.nullcontext():
             metrics = evaluate_model(model, train_split, test_split, cfg.eval, cfg.seed, plan.local_eval_batch_size,
-                                     env.device, autocast, needs_demos)  # fmt: skip
+                                     env.device, autocast, demos)  # fmt: skip
         metrics["timing/eval_seconds"] = time.perf_counter() - eval_start
         window.start += metrics["timing/eval_seconds"]  # throughput counts training time only
         logger.log(metrics, step)
@@ -365,14 +378,15 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
     start, start_step = time.perf_counter(), step
     bar = tqdm(total=plan.last_step, initial=step, disable=not env.is_main, unit="step", dynamic_ncols=True)
     model.train()
-    with StopRequest(env.world_size) as stop:
+    rows = slice(env.rank * plan.local_batch_size, (env.rank + 1) * plan.local_batch_size)
+    feed = TrainFeed(train_split, sampler, rows, demos, env.device)
+    with StopRequest(env.world_size) as stop, contextlib.closing(feed):
         while step < plan.last_step:
-            rows = slice(env.rank * plan.local_batch_size, (env.rank + 1) * plan.local_batch_size)
-            batch = _to_device(train_split.batch(sampler.next_indices()[rows], needs_demos), env.device)
-            if carry is None:
-                carry = model.initial_carry(batch)
+            batch = feed.next(*((carry.halted, carry.data.get("demo_rows")) if carry is not None else ()))
+            if carry is None or set(carry.data) != {k for k, v in batch.items() if isinstance(v, torch.Tensor)}:
+                carry = model.initial_carry(batch)  # the first step (or a carry saved with other demonstrations)
             step += 1
-            carry, metrics, lrs, ok = train_step(model, carry, batch, opt, cfg, step, plan, autocast)
+            carry, metrics, lrs, ok = train_step(model, carry, batch, opt, cfg, step, plan, autocast, feed)
             if ema is not None:
                 ema.update(ok)
             window.add(metrics, ok)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trm.data.demos import PackedDemos, pack_demos
 from trm.data.grids import IGNORE_LABEL_ID, PAD_ID
 from trm.data.tasks import ArcDataError
 
@@ -83,12 +84,26 @@ class ArcSplit:
     def example_task(self, idx: np.ndarray) -> np.ndarray:
         return self.puzzle_task[self.example_puzzle[idx]]
 
-    def batch(self, idx: np.ndarray, with_demos: bool, context_from: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    def demo_rows(self, idx: np.ndarray) -> np.ndarray:
+        """(B, D) int64 rows of the demonstration pool of examples ``idx`` (-1: none; an index of
+        -1 is the empty task)."""
+        idx = np.asarray(idx)
+        return np.where((idx < 0)[:, None], -1, self.example_demos[np.maximum(idx, 0)]).astype(np.int64)
+
+    def pack(self, rows: np.ndarray, layout: str) -> PackedDemos:
+        """The pool rows ``rows`` (B, D) packed for ``layout`` (:func:`trm.data.demos.pack_demos`)."""
+        return pack_demos(self.demo_inputs, self.demo_labels, rows, layout)
+
+    def batch(self, idx: np.ndarray, demos: str | bool | None = None, context_from: np.ndarray | None = None) -> dict:
         """Tensors of examples ``idx`` (B,):
 
         inputs (B, L) int32 tokens; labels (B, L) int64, PAD cells set to -100 (ignored);
         puzzle_identifiers (B,) int32; task_ids (B,) int32 (the task, shared by its augmentations);
-        with demos: demo_inputs, demo_labels (B, D, L) int32 tokens and demo_mask (B, D) bool.
+        and the demonstrations as ``demos`` asks:
+        - None / False: none;
+        - "padded" / True: demo_inputs, demo_labels (B, D, L) int32 canvases, demo_mask (B, D) bool;
+        - "rows": demo_rows (B, D) int64 rows of the pool (-1: none), to be packed later;
+        - a pair layout ("sequence", "overlay"): demo_rows and ``demos``, a :class:`PackedDemos`.
 
         ``context_from`` (B,) swaps what describes the task (the puzzle id and the demonstrations)
         for that of other examples: row i gets example ``context_from[i]``'s, or, where it is -1,
@@ -98,24 +113,30 @@ class ArcSplit:
         idx = np.asarray(idx)
         ctx = idx if context_from is None else np.asarray(context_from)
         empty = ctx < 0
-        ctx = np.where(empty, 0, ctx)
         labels = torch.from_numpy(self.labels[idx].astype(np.int64))
-        puzzle_ids = np.where(empty, self.meta["blank_identifier_id"], self.puzzle_identifiers[self.example_puzzle[ctx]])
+        own_ids = self.puzzle_identifiers[self.example_puzzle[np.maximum(ctx, 0)]]
+        puzzle_ids = np.where(empty, self.meta["blank_identifier_id"], own_ids)
         batch = {
             "inputs": torch.from_numpy(self.inputs[idx].astype(np.int32)),
             "labels": labels.masked_fill_(labels == PAD_ID, IGNORE_LABEL_ID),
             "puzzle_identifiers": torch.from_numpy(puzzle_ids.astype(np.int32)),
             "task_ids": torch.from_numpy(self.example_task(idx)),
         }
-        if with_demos:
-            rows = np.where(empty[:, None], -1, self.example_demos[ctx])  # (B, D), -1 where absent
+        if demos in (None, False):
+            return batch
+        rows = self.demo_rows(ctx)
+        if demos in ("padded", True):
             mask = rows >= 0
-            safe = np.where(mask, rows, 0)
+            safe = np.maximum(rows, 0)
             demo_in = np.where(mask[..., None], self.demo_inputs[safe], PAD_ID)
             demo_out = np.where(mask[..., None], self.demo_labels[safe], PAD_ID)
             batch["demo_inputs"] = torch.from_numpy(demo_in.astype(np.int32))
             batch["demo_labels"] = torch.from_numpy(demo_out.astype(np.int32))
             batch["demo_mask"] = torch.from_numpy(mask)
+            return batch
+        batch["demo_rows"] = torch.from_numpy(rows)
+        if demos != "rows":
+            batch["demos"] = self.pack(rows, demos)
         return batch
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,9 +30,15 @@ class Conditioning:
 
 
 class Conditioner(nn.Module):
-    """Base class. ``needs_demos``: the batch must carry demo_inputs, demo_labels, demo_mask."""
+    """Base class. ``demos`` says what the batch must carry of the demonstrations: None (nothing),
+    ``"padded"`` (demo_inputs, demo_labels, demo_mask on the canvas), or a pair layout
+    (``"sequence"``, ``"overlay"``: ``demos``, the pairs packed for that layout)."""
 
-    needs_demos: ClassVar[bool] = False
+    demos: str | None = None
+
+    @property
+    def needs_demos(self) -> bool:
+        return self.demos is not None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Conditioning:
         raise NotImplementedError

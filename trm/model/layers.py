@@ -26,9 +26,14 @@ def linear(in_features: int, out_features: int, bias: bool = False) -> nn.Linear
     return layer
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or in its own dtype where that is wider (float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def rms_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """RMSNorm without a learnable weight, computed in float32, returned in x's dtype."""
-    x32 = x.float()
+    """RMSNorm without a learnable weight, computed in float32 (or wider), returned in x's dtype."""
+    x32 = at_least_float32(x)
     return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 

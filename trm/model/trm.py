@@ -110,20 +110,24 @@ class TinyRecursiveModel(nn.Module):
 
     def initial_carry(self, batch: dict[str, torch.Tensor]) -> Carry:
         B, L = batch["inputs"].shape
-        z = torch.zeros(B, self.arch.puzzle_emb_len + L, self.arch.hidden_size, device=batch["inputs"].device)
+        z = torch.zeros(B, self.arch.puzzle_emb_len + L, self.arch.hidden_size, device=batch["inputs"].device,
+                        dtype=self.core.H_init.dtype)  # float32, or the weights' dtype where they are cast
         steps = torch.zeros(B, dtype=torch.int32, device=z.device)
         halted = torch.ones(B, dtype=torch.bool, device=z.device)
-        return Carry(z, z.clone(), steps, halted, {k: torch.zeros_like(v) for k, v in batch.items()})
+        data = {k: torch.zeros_like(v) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        return Carry(z, z.clone(), steps, halted, data)
 
     def forward(self, carry: Carry, batch: dict[str, torch.Tensor], conditioning: Conditioning | None = None):
         """Returns (new carry, StepOutput). ``conditioning`` may be passed to reuse a context
-        computed once per batch (evaluation); in training it is recomputed with gradient."""
+        computed once per batch (evaluation); in training it is recomputed with gradient. Entries of
+        ``batch`` that are not per-slot tensors (packed demonstrations, built for the slots of this
+        step) go to the conditioner as they are."""
         data = {k: _where(carry.halted, batch[k], v) for k, v in carry.data.items()}
         z_H = _where(carry.halted, self.core.H_init.expand_as(carry.z_H), carry.z_H)
         z_L = _where(carry.halted, self.core.L_init.expand_as(carry.z_L), carry.z_L)
         steps = torch.where(carry.halted, 0, carry.steps) + 1
 
-        cond = conditioning if conditioning is not None else self.conditioner(data)
+        cond = conditioning if conditioning is not None else self.conditioner({**batch, **data})
         z_H, z_L, logits, q = self.core(z_H, z_L, data["inputs"], cond.context)
         q_halt, q_continue = q[:, 0], q[:, 1]
 
