@@ -70,6 +70,21 @@ class DataConfig(BuildOptions):
         return Path(self.path) if self.path else Path(self.root) / self.build_options().folder_name()
 
 
+class AdaptConfig(Strict):
+    """Test-time adaptation at evaluation (trm/adapt.py), off by default."""
+
+    target: Literal["none", "context"] = Field(
+        "none", description="none, or context: refine each example's context on its demonstrations, weights frozen")
+    steps: int = Field(0, ge=0, description="Adam steps on the demonstration objective (0: the context as computed)")
+    lr: float = Field(0.01, gt=0, description="Adam learning rate on the context")
+    act_steps: int | None = Field(
+        None, ge=1, description="ACT steps per objective evaluation, gradient through the last (None: halt_max_steps)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.target != "none"
+
+
 class EvalConfig(Strict):
     batch_size: int | None = Field(None, ge=1, description="global evaluation batch (default: global_batch_size)")
     on_train: bool = Field(True, description="also evaluate the training examples (eval/train/...)")
@@ -82,6 +97,7 @@ class EvalConfig(Strict):
     reliance: bool = Field(
         True, description="also evaluate every example with another task's context and with the empty "
         "task's (..._wrong_context, ..._null_context, context_reliance): two more passes")
+    adapt: AdaptConfig = Field(default_factory=AdaptConfig)
 
 
 class WandbConfig(Strict):

@@ -15,6 +15,7 @@ the training examples, and each evaluation source of the test split on its own.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trm.config import EvalConfig
+from trm.adapt import adapt_context
+from trm.config import AdaptConfig, EvalConfig
 from trm.data.dataset import ArcSplit
 from trm.data.pipeline import Prefetcher, to_device
 from trm.data.families import task_family
@@ -128,10 +130,13 @@ def wrong_contexts(split: ArcSplit, indices: np.ndarray, seed: int) -> np.ndarra
 
 def _run_examples(model, split: ArcSplit, indices: np.ndarray, context_from: np.ndarray | None, groups: np.ndarray,
                   num_groups: int, local_batch_size: int, device, autocast, demos: str | None,
-                  keep_records: bool) -> tuple[torch.Tensor, list[Prediction]]:  # fmt: skip
-    """Sums (token accuracy, exact, exact at halt, count) over ``indices`` on this rank, one row
-    per group of ``groups`` (num_groups, 4), and the vote records when ``keep_records``. Batches
-    are assembled a few ahead in a background thread."""
+                  keep_records: bool, adapt: AdaptConfig | None = None) -> tuple[torch.Tensor, list[Prediction]]:  # fmt: skip
+    """Sums (token accuracy, exact, exact at halt, count, adaptation objective before, after,
+    adaptation ms) over ``indices`` on this rank, one row per group of ``groups`` (num_groups, 7),
+    and the vote records when ``keep_records``. With ``adapt`` enabled, each batch's contexts are
+    first refined on its demonstrations (:func:`trm.adapt.adapt_context`). Batches are assembled a
+    few ahead in a background thread."""
+    adapting = adapt is not None and adapt.enabled
 
     def make_batch(start: int) -> tuple[int, np.ndarray, dict]:
         idx = indices[start : start + local_batch_size]
@@ -141,9 +146,13 @@ def _run_examples(model, split: ArcSplit, indices: np.ndarray, context_from: np.
         if context_from is not None:
             ctx = context_from[start : start + local_batch_size]
             ctx = np.concatenate([ctx, np.full(local_batch_size - len(ctx), ctx[-1])])
-        return start, idx, split.batch(padded, demos, ctx)
+        batch = split.batch(padded, demos, ctx)
+        if adapting:  # the demonstrations as the core reads grids, for the objective
+            canvases = split.batch(padded, "padded", ctx)
+            batch.update({k: v for k, v in canvases.items() if k.startswith("demo_")})
+        return start, idx, batch
 
-    sums = torch.zeros(num_groups, 4, dtype=torch.float64, device=device)
+    sums = torch.zeros(num_groups, 7, dtype=torch.float64, device=device)
     records: list[Prediction] = []
     with Prefetcher(iter(range(0, len(indices), local_batch_size)), make_batch) as batches:
         for start, idx, batch in batches:
@@ -151,6 +160,15 @@ def _run_examples(model, split: ArcSplit, indices: np.ndarray, context_from: np.
             with autocast():
                 carry = model.initial_carry(batch)
                 conditioning = model.conditioner(batch)
+            objectives, adapt_ms = torch.zeros(2, local_batch_size, dtype=torch.float64, device=device), 0.0
+            if adapting:
+                began = time.perf_counter()
+                conditioning, *before_after = adapt_context(model, conditioning, batch, adapt, autocast)
+                objectives = torch.stack(before_after).double()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                adapt_ms = 1000 * (time.perf_counter() - began)
+            with autocast():
                 # Also keep the prediction of the first step whose q_halt > 0, where ACT would stop.
                 halted = torch.zeros(local_batch_size, dtype=torch.bool, device=device)
                 at_halt = None
@@ -167,6 +185,8 @@ def _run_examples(model, split: ArcSplit, indices: np.ndarray, context_from: np.
             exact_at_halt = (mask & (at_halt == labels)).sum(-1) == counts
             per_example = torch.stack([correct / counts.clamp_min(1), correct == counts, exact_at_halt,
                                        torch.ones_like(correct)], dim=1).double()  # fmt: skip
+            adapt_ms_each = torch.full((n, 1), adapt_ms / n, dtype=torch.float64, device=device)
+            per_example = torch.cat([per_example, objectives[:, :n].T, adapt_ms_each], dim=1)
             group = torch.as_tensor(groups[start : start + n], device=device)
             sums.index_add_(0, group, per_example)
             if keep_records:
@@ -178,7 +198,8 @@ def _run_examples(model, split: ArcSplit, indices: np.ndarray, context_from: np.
 @torch.no_grad()
 def evaluate_split(model, split: ArcSplit, indices: np.ndarray, local_batch_size: int, device: torch.device,
                    autocast, demos: str | None, vote: bool, ks: list[int], prefix: str, reliance: bool = False,
-                   seed: int = 0, arc_prefix: str = "ARC", groups: dict[str, np.ndarray] | None = None) -> dict[str, float]:  # fmt: skip
+                   seed: int = 0, arc_prefix: str = "ARC", groups: dict[str, np.ndarray] | None = None,
+                   adapt: AdaptConfig | None = None) -> dict[str, float]:  # fmt: skip
     """Evaluate ``indices`` of ``split``, sharded across ranks; returns metrics on every rank.
 
     eval/<prefix>/accuracy: mean token accuracy and eval/<prefix>/exact_accuracy: fraction of examples
@@ -217,11 +238,11 @@ def evaluate_split(model, split: ArcSplit, indices: np.ndarray, local_batch_size
     for suffix, context_from in passes.items():
         part, recs = _run_examples(model, split, indices[mine], None if context_from is None else context_from[mine],
                                    group_of[mine], len(names) + 1, local_batch_size, device, autocast, demos,
-                                   keep_records=vote and not suffix)  # fmt: skip
+                                   keep_records=vote and not suffix, adapt=adapt)  # fmt: skip
         sums.append(part)
         records += recs
     model.train(was_training)
-    sums = torch.stack(sums)  # (passes, groups + 1, 4)
+    sums = torch.stack(sums)  # (passes, groups + 1, 7)
     if world > 1:
         dist.all_reduce(sums)
         if vote:
@@ -231,12 +252,16 @@ def evaluate_split(model, split: ArcSplit, indices: np.ndarray, local_batch_size
     per_group = sums.tolist()
     metrics = {}
     for suffix, rows in zip(passes, per_group):
-        token_acc, exact, exact_at_halt, count = np.sum(rows, axis=0)
+        token_acc, exact, exact_at_halt, count, before, after, adapt_ms = np.sum(rows, axis=0)
         metrics[f"eval/{prefix}/accuracy{suffix}"] = token_acc / max(count, 1)
         metrics[f"eval/{prefix}/exact_accuracy{suffix}"] = exact / max(count, 1)
         if not suffix:
             metrics[f"eval/{prefix}/exact_accuracy_at_halt"] = exact_at_halt / max(count, 1)
             metrics[f"eval/{prefix}/examples"] = count
+            if adapt is not None and adapt.enabled:
+                metrics[f"eval/{prefix}/adapt_objective_before"] = before / max(count, 1)
+                metrics[f"eval/{prefix}/adapt_objective_after"] = after / max(count, 1)
+                metrics[f"eval/{prefix}/adapt_ms_per_example"] = adapt_ms / max(count, 1)
     if "_wrong_context" in passes:
         right, wrong = (f"eval/{prefix}/exact_accuracy", f"eval/{prefix}/exact_accuracy_wrong_context")
         metrics[f"eval/{prefix}/context_reliance"] = metrics[right] - metrics[wrong]
@@ -246,7 +271,7 @@ def evaluate_split(model, split: ArcSplit, indices: np.ndarray, local_batch_size
         metrics.update(pass_at_k(records, ks, arc_prefix))
         metrics[f"eval/{prefix}/tasks"] = float(len({r.task for r in records}))
     for g, name in enumerate(names, start=1):
-        token_acc, exact, _, count = per_group[0][g]
+        token_acc, exact, _, count = per_group[0][g][:4]
         metrics[f"eval/{prefix}/{name}/accuracy"] = token_acc / max(count, 1)
         metrics[f"eval/{prefix}/{name}/exact_accuracy"] = exact / max(count, 1)
         metrics[f"eval/{prefix}/{name}/examples"] = count
@@ -288,7 +313,7 @@ def evaluate_model(model, train_split: ArcSplit, test_split: ArcSplit, cfg: Eval
     for several, ARC/pass@k then averaging all their tasks). Tasks of the family benchmark are also
     broken down by family (eval/<set>/<family>/exact_accuracy, ARC/<set>/<family>/pass@k)."""
     common = dict(local_batch_size=local_batch_size, device=device, autocast=autocast, demos=demos,
-                  ks=cfg.pass_ks, reliance=cfg.reliance, seed=seed)  # fmt: skip
+                  ks=cfg.pass_ks, reliance=cfg.reliance, seed=seed, adapt=cfg.adapt)  # fmt: skip
     metrics: dict[str, float] = {}
     if cfg.on_train:
         idx = select_examples(train_split, cfg.train_augmentations, cfg.train_groups)

@@ -35,6 +35,7 @@ class Conditioner(nn.Module):
     (``"sequence"``, ``"overlay"``: ``demos``, the pairs packed for that layout)."""
 
     demos: str | None = None
+    context_positions: int | None = None  # positions of the context it fills (None: all)
 
     @property
     def needs_demos(self) -> bool:
@@ -56,6 +57,8 @@ class PuzzleEmbedding(Conditioner):
     vector fills the first context position; the other ``puzzle_emb_len - 1`` stay zero. Like the
     token embeddings it is scaled by sqrt(hidden).
     """
+
+    context_positions = 1
 
     def __init__(self, num_puzzle_identifiers: int, hidden_size: int, puzzle_emb_len: int):
         super().__init__()
