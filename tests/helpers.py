@@ -29,3 +29,17 @@ def read_rows(run_dir) -> list[dict]:
 
 def optimiser_tensors(state) -> list[torch.Tensor]:
     return [t for s in state["optimisers"]["dense"]["state"].values() for t in (s["exp_avg"], s["exp_avg_sq"])]
+
+
+def run_forked_ranks(target, world: int, *args, timeout: float = 300) -> None:
+    """``target(rank, world, *args)`` in ``world`` forked processes (what they need is inherited,
+    not pickled); each must exit 0."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    ranks = [context.Process(target=target, args=(r, world, *args)) for r in range(world)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(timeout=timeout)
+        assert p.exitcode == 0

@@ -14,6 +14,8 @@ from trm.evaluate import evaluate_split
 from trm.losses import stablemax_cross_entropy
 from trm.model.conditioning import Conditioning
 
+from helpers import run_forked_ranks
+
 SMALL = dict(hidden_size=32, num_heads=2, L_layers=1, H_cycles=1, L_cycles=1, puzzle_emb_len=2, halt_max_steps=2)
 
 
@@ -151,18 +153,10 @@ def adapted_metrics(split):
 def test_adaptation_under_two_ranks_gives_the_metrics_of_one(split, tmp_path):
     """Each rank adapts its own examples; gathered votes and summed objectives equal one process's."""
     import json
-    import multiprocessing
 
     torch.set_num_threads(1)
     one = adapted_metrics(split)
-    context = multiprocessing.get_context("fork")
-    ranks = [context.Process(target=_adapted_metrics_as_rank, args=(r, 2, str(tmp_path / "store"), split, str(tmp_path)))
-             for r in range(2)]  # fmt: skip
-    for p in ranks:
-        p.start()
-    for p in ranks:
-        p.join(timeout=300)
-        assert p.exitcode == 0
+    run_forked_ranks(_adapted_metrics_as_rank, 2, str(tmp_path / "store"), split, str(tmp_path))
     for r in range(2):
         got = json.loads((tmp_path / f"rank{r}.json").read_text())
         timing = "eval/test/adapt_ms_per_example"

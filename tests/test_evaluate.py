@@ -215,19 +215,13 @@ def test_two_ranks_give_the_metrics_of_one(hand_split, tmp_path):
     """Rank 0 holds task a's examples (all right), rank 1 tasks b (2 of 3 versions right) and c
     (none): only gathered votes and summed counts give the one-process figures on every rank."""
     import json
-    import multiprocessing
+
+    from helpers import run_forked_ranks
 
     right = np.concatenate([examples_of(hand_split, "a"), examples_of(hand_split, "b")[:2]])
     one = evaluate(Oracle(hand_split, right), hand_split)
     assert one["ARC/pass@1"] == pytest.approx(2 / 3) and one["eval/test/exact_accuracy"] == pytest.approx(8 / 12)
-    context = multiprocessing.get_context("fork")  # the split and the oracle are inherited, not pickled
-    ranks = [context.Process(target=_evaluate_as_rank, args=(r, 2, str(tmp_path / "store"), hand_split, right, str(tmp_path)))
-             for r in range(2)]  # fmt: skip
-    for p in ranks:
-        p.start()
-    for p in ranks:
-        p.join(timeout=120)
-        assert p.exitcode == 0
+    run_forked_ranks(_evaluate_as_rank, 2, str(tmp_path / "store"), hand_split, right, str(tmp_path), timeout=120)
     for r in range(2):
         assert json.loads((tmp_path / f"rank{r}.json").read_text()) == pytest.approx(one)
 
