@@ -332,7 +332,8 @@ def test_published_trm_weights_start_a_run(tiny_dataset, tmp_path, prefix):
     with torch.no_grad():
         source.conditioner.weight.normal_()  # a trained table, not the zero init
     torch.save(published_layout(source, prefix), tmp_path / "published.pt")
-    loaded = checkpoint.initial_weights(str(tmp_path / "published.pt"))
+    loaded, averaged = checkpoint.initial_weights(str(tmp_path / "published.pt"))
+    assert averaged is None
     assert loaded.keys() == source.state_dict().keys()
     for k, v in source.state_dict().items():
         assert torch.equal(loaded[k], v), k
@@ -350,6 +351,17 @@ def test_published_trm_weights_start_a_run(tiny_dataset, tmp_path, prefix):
     state = final_state(tmp_path / "eval")
     for k, v in source.state_dict().items():
         assert torch.equal(state["model"][k], v), k
+
+
+@pytest.mark.parametrize("entry", ["pretrain", "encoder"])
+def test_a_run_directory_as_init_from_evaluates_its_averaged_weights(tiny_dataset, tmp_path, entry):
+    """init_from=<run dir> takes its latest checkpoint's EMA weights, the ones its evaluations used:
+    evaluating them without training (max_steps=0) gives the run's final evaluation again."""
+    extra = ("lr=1e-3", "eval.reliance=false")
+    trained = run(tiny_dataset, tmp_path / "r", *extra, entry=entry)
+    again = run(tiny_dataset, tmp_path / "eval", *extra, f"init_from={tmp_path / 'r'}", "max_steps=0", entry=entry)
+    evaluated = [k for k in trained if k.startswith(("eval/", "ARC/"))]
+    assert len(evaluated) > 5 and {k: again[k] for k in evaluated} == {k: trained[k] for k in evaluated}
 
 
 def test_a_published_variant_this_model_lacks_is_named(tmp_path):

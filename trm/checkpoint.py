@@ -183,10 +183,15 @@ def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source
     module.load_state_dict(state)
 
 
-def initial_weights(path: str) -> dict[str, torch.Tensor]:
-    """Model weights to start a run from (``init_from``): a checkpoint folder of this framework or
-    its ``state.pt``, or a state dict saved by the published TRM (:mod:`trm.model.published`)."""
-    file = Path(path) / "state.pt" if Path(path).is_dir() else Path(path)
+def initial_weights(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Model weights to start a run from (``init_from``): a run directory (its latest checkpoint),
+    a checkpoint folder of this framework or its ``state.pt``, or a state dict saved by the
+    published TRM (:mod:`trm.model.published`). Returns the state dict and, for a checkpoint of
+    this framework, its EMA state (None otherwise)."""
+    folder = Path(path)
+    if (folder / "checkpoints" / "latest").is_file():  # a run directory
+        folder = folder / "checkpoints" / (folder / "checkpoints" / "latest").read_text().strip()
+    file = folder / "state.pt" if folder.is_dir() else folder
     if not file.is_file():
         raise CheckpointError(f"init_from {path}: no such file")
     try:
@@ -194,10 +199,10 @@ def initial_weights(path: str) -> dict[str, torch.Tensor]:
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"init_from {file}: unreadable ({type(e).__name__}: {e})") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        return state["model"]
+        return state["model"], state.get("ema")
     if isinstance(state, dict) and is_published(state):
         try:
-            return from_published(state)
+            return from_published(state), None
         except KeyError as e:
             raise CheckpointError(f"init_from {file}: tensor {e.args[0]} has no counterpart in this model") from None
     raise CheckpointError(f"init_from {file}: neither a checkpoint of this framework nor a published TRM state dict")

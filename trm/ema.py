@@ -37,9 +37,17 @@ class EMA:
             with torch.no_grad():
                 torch._foreach_copy_(self.params, backup)
 
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        """The averaged weights into the model, for good."""
+        torch._foreach_copy_(self.params, self.shadow)
+
     def state_dict(self) -> dict:
         return {"rate": self.rate, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict) -> None:
+        shapes = [tuple(t.shape) for t in state["shadow"]]
+        if shapes != [tuple(p.shape) for p in self.params]:
+            raise ValueError(f"{len(shapes)} averaged tensors of shapes {shapes[:3]}... for {len(self.params)} weights")
         with torch.no_grad():
             torch._foreach_copy_(self.shadow, state["shadow"])
