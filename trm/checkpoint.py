@@ -183,11 +183,9 @@ def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source
     module.load_state_dict(state)
 
 
-def initial_weights(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Model weights to start a run from (``init_from``): a run directory (its latest checkpoint),
-    a checkpoint folder of this framework or its ``state.pt``, or a state dict saved by the
-    published TRM (:mod:`trm.model.published`). Returns the state dict and, for a checkpoint of
-    this framework, its EMA state (None otherwise)."""
+def read_weights_file(path: str | Path) -> tuple[Path, object]:
+    """The file behind ``path`` (a run directory: its latest checkpoint; a checkpoint folder: its
+    ``state.pt``; a file) and what it holds."""
     folder = Path(path)
     if (folder / "checkpoints" / "latest").is_file():  # a run directory
         folder = folder / "checkpoints" / (folder / "checkpoints" / "latest").read_text().strip()
@@ -195,9 +193,17 @@ def initial_weights(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
     if not file.is_file():
         raise CheckpointError(f"init_from {path}: no such file")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=False)
+        return file, torch.load(file, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"init_from {file}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def initial_weights(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Model weights to start a run from (``init_from``): a run directory (its latest checkpoint),
+    a checkpoint folder of this framework or its ``state.pt``, or a state dict saved by the
+    published TRM (:mod:`trm.model.published`). Returns the state dict and, for a checkpoint of
+    this framework, its EMA state (None otherwise)."""
+    file, state = read_weights_file(path)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         return state["model"], state.get("ema")
     if isinstance(state, dict) and is_published(state):
@@ -206,3 +212,19 @@ def initial_weights(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
         except KeyError as e:
             raise CheckpointError(f"init_from {file}: tensor {e.args[0]} has no counterpart in this model") from None
     raise CheckpointError(f"init_from {file}: neither a checkpoint of this framework nor a published TRM state dict")
+
+
+def start_from(model: torch.nn.Module, path: str, ema_rate: float) -> None:
+    """Load ``path``'s weights (:func:`initial_weights`) into ``model``; where the checkpoint has
+    EMA weights, those (the weights its evaluations used)."""
+    from trm.ema import EMA
+
+    weights, averaged = initial_weights(path)
+    load_weights(model, weights, path)
+    if averaged is not None:
+        averaging = EMA(model, ema_rate)
+        try:
+            averaging.load_state_dict(averaged)
+        except (RuntimeError, ValueError) as e:
+            raise CheckpointError(f"init_from {path}: its EMA weights do not fit the configured model ({e})") from None
+        averaging.copy_to_model()

