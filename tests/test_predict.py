@@ -73,3 +73,15 @@ def test_predict_writes_a_submission_for_tasks_with_and_without_answers(tiny_dat
     with pytest.raises(SystemExit):
         main([str(tmp_path / "run"), str(folder), "--out", str(out)])
     assert out.read_bytes() == before and "is never replaced" in capsys.readouterr().err
+
+
+def test_a_challenges_file_without_solutions_loads_for_prediction_only(tmp_path):
+    from trm.data.tasks import ArcDataError
+
+    task = {"train": [{"input": [[1]], "output": [[2]]}], "test": [{"input": [[3]]}]}
+    path = tmp_path / "arc-agi_test_challenges.json"
+    path.write_text(json.dumps({"abc": task}))
+    with pytest.raises(ArcDataError, match="solutions file"):
+        load_source(str(path))
+    (loaded,) = load_source(str(path), need_answers=False)
+    assert loaded.tests[0].output is None and loaded.tests[0].input.tolist() == [[3]]
