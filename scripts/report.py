@@ -5,10 +5,13 @@
 
 For each run: its experiment, the memorisation figure (eval/train/exact_accuracy) beside the same
 with another task's context and with the empty task's, the context reliance (right minus wrong),
-held-out exact accuracy and pass@2 (per set on the family benchmark), and the encoder diagnostics.
+held-out exact accuracy and pass@1/pass@2 (per set on the family benchmark), the test-time
+adaptation it was evaluated with (an evaluation of a run's weights with ``eval.adapt``, e.g. the
+Phase 4 lines of jobs.txt, is a row of its own: compare it with the run's row) and its objective
+before and after, and the encoder diagnostics.
 The decision tree (experiment-plan.md) reads the runs named by experiment: E0v2, then E1v2, then
-E_diag1, then Phase 3 (E4, E5, E6, E7), then Phase 2 (E2, E3); it flags a success whose context
-reliance is near zero.
+E_diag1, then Phase 3 (E4, E5, E6, E7), then Phase 2 (E2, E3), leaving adapted evaluations out; it
+flags a success whose context reliance is near zero.
 """
 
 from __future__ import annotations
@@ -27,7 +30,11 @@ COLUMNS = [
     ("train reliance", "eval/train/context_reliance", "{:+.2f}"),
     ("held-out exact", "eval/test/exact_accuracy", "{:.1%}"),
     ("held-out reliance", "eval/test/context_reliance", "{:+.2f}"),
+    ("held-out pass@1", "ARC/pass@1", "{:.1%}"),
     ("held-out pass@2", "ARC/pass@2", "{:.1%}"),
+    ("adaptation", "adaptation", "{}"),
+    ("objective before", "eval/test/adapt_objective_before", "{:.3f}"),
+    ("objective after", "eval/test/adapt_objective_after", "{:.3f}"),
     ("context norm", "encoder/output_norm", "{:.3g}"),
     ("cross-task cosine", "encoder/cross_puzzle_cosine", "{:.3f}"),
     ("grad/encoder_norm", "grad/encoder_norm", "{:.3g}"),
@@ -42,8 +49,11 @@ def load(run_dir: Path) -> dict | None:
     if not summary.is_file() or not config.is_file():
         return None
     cfg = yaml.safe_load(config.read_text())
+    adapt = (cfg.get("eval") or {}).get("adapt") or {}
+    adapted = adapt.get("target", "none") != "none"
     return {"name": run_dir.name, "experiment": cfg.get("experiment") or "-", "seed": cfg.get("seed"),
-            "preset": cfg.get("preset") or "-", **json.loads(summary.read_text())}  # fmt: skip
+            "preset": cfg.get("preset") or "-", **json.loads(summary.read_text()),
+            **({"adaptation": f"{adapt['target']}, {adapt.get('steps')} steps, lr {adapt.get('lr')}"} if adapted else {})}  # fmt: skip
 
 
 def grade(accuracy: float | None) -> str:
@@ -60,12 +70,13 @@ def grade(accuracy: float | None) -> str:
 
 def set_columns(runs: list[dict]) -> list[tuple[str, str, str]]:
     """Columns of the test sets a run's summary names (the family benchmark's unseen_params and
-    unseen_families): each set's exact accuracy, reliance and pass@2."""
+    unseen_families): each set's exact accuracy, reliance, pass@2 and adaptation objective."""
     sets = sorted({k.split("/")[1] for r in runs for k in r if k.startswith("ARC/") and k.count("/") == 2})
     return [col for name in sets for col in (
         (f"{name} exact", f"eval/{name}/exact_accuracy", "{:.1%}"),
         (f"{name} reliance", f"eval/{name}/context_reliance", "{:+.2f}"),
         (f"{name} pass@2", f"ARC/{name}/pass@2", "{:.1%}"),
+        (f"{name} objective after", f"eval/{name}/adapt_objective_after", "{:.3f}"),
     )]  # fmt: skip
 
 
@@ -87,6 +98,8 @@ def decide(runs: list[dict]) -> list[str]:
     does not answer whether the encoder (or the interface) carries task information."""
     best: dict[str, dict] = {}
     for r in runs:
+        if "adaptation" in r:  # an evaluation of a run's weights with test-time adaptation
+            continue
         acc = r.get("eval/train/exact_accuracy")
         if acc is not None and acc >= best.get(r["experiment"], {}).get("eval/train/exact_accuracy", -1.0):
             best[r["experiment"]] = r

@@ -52,3 +52,28 @@ def test_table_shows_reliance_and_each_test_set():
     assert cells["train reliance"] == "+0.65" and cells["train exact, wrong context"] == "25.0%"
     assert cells["unseen_params pass@2"] == "80.0%" and cells["unseen_families pass@2"] == "0.0%"
     assert cells["unseen_params reliance"] == "+0.70" and "unseen_families exact" not in cells  # no run has it
+
+
+def test_an_adapted_evaluation_is_a_row_of_its_own_and_stays_out_of_the_verdict(tmp_path):
+    import json
+
+    import yaml
+
+    from report import load, table
+
+    for name, adapt, summary in (
+        ("P4", {"target": "none", "steps": 0, "lr": 0.01}, {"eval/train/exact_accuracy": 0.95, "ARC/pass@1": 0.02, "ARC/pass@2": 0.03}),
+        ("P4-adapt20", {"target": "context", "steps": 20, "lr": 0.2},
+         {"eval/train/exact_accuracy": 0.99, "ARC/pass@1": 0.1, "ARC/pass@2": 0.15, "eval/test/adapt_objective_before": 0.7,
+          "eval/test/adapt_objective_after": 0.5}),
+    ):  # fmt: skip
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump({"experiment": "E0v2", "seed": 0, "eval": {"adapt": adapt}}))
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+    runs = [load(tmp_path / "P4"), load(tmp_path / "P4-adapt20")]
+    head, _, plain, adapted = ([c.strip() for c in line.strip("|").split("|")] for line in table(runs).splitlines())
+    plain, adapted = dict(zip(head, plain)), dict(zip(head, adapted))
+    assert plain["adaptation"] == "-" and adapted["adaptation"] == "context, 20 steps, lr 0.2"
+    assert (plain["held-out pass@2"], adapted["held-out pass@2"]) == ("3.0%", "15.0%")
+    assert adapted["held-out pass@1"] == "10.0%" and (adapted["objective before"], adapted["objective after"]) == ("0.700", "0.500")
+    assert decide(runs)[0] == "E0v2: success (95.0%)"  # the adapted evaluation is not E0v2's training result
