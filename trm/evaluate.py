@@ -9,8 +9,10 @@ the fraction of its test inputs passed; pass@k averages the tasks *evaluated* (n
 Votes live for one call.
 
 Conditioning reliance (:func:`evaluate_split` with ``reliance``): the same examples again with
-another task's context and with the empty task's. :func:`evaluate_model` runs a whole evaluation:
-the training examples, and each evaluation source of the test split on its own.
+another task's context and with the empty task's. With ``eval.adapt`` enabled, every pass first
+refines each example's context on its demonstrations (:mod:`trm.adapt`). :func:`evaluate_model`
+runs a whole evaluation: the training examples, and each evaluation source of the test split on its
+own; :func:`predict_examples` gives the vote records alone (``python -m trm.predict``).
 """
 
 from __future__ import annotations
