@@ -111,7 +111,7 @@ def step_flops(cfg, batch: dict, seq_len: int, vocab: int, model) -> float:
     net = net_flops(B, T, a.hidden_size, a.expansion, a.L_layers)
     calls_per_cycle = a.L_cycles + 1
     flops = net * calls_per_cycle * a.H_cycles + 2 * net * calls_per_cycle + 3 * 2 * B * seq_len * a.hidden_size * vocab
-    if model.conditioner.needs_demos:
+    if model.conditioner.demos is not None:
         d = getattr(a, "encoder_hidden_size", None) or a.hidden_size
         layers = len(model.conditioner.blocks)
         trained = any(p.requires_grad for p in model.conditioner.parameters())

@@ -22,7 +22,7 @@ from dataclasses import replace
 import torch
 
 from trm.config import AdaptConfig
-from trm.data.grids import PAD_ID
+from trm.data.grids import IGNORE_LABEL_ID, PAD_ID
 from trm.losses import stablemax_cross_entropy
 from trm.model.conditioning import Conditioning
 
@@ -36,7 +36,8 @@ def demonstration_objective(model, context: torch.Tensor, demos: dict[str, torch
     B, D, L = demos["demo_inputs"].shape
     present = demos["demo_mask"].flatten().nonzero().squeeze(-1)  # evaluation only: a sync is fine
     labels = demos["demo_labels"].flatten(0, 1)[present].long()
-    pairs = {"inputs": demos["demo_inputs"].flatten(0, 1)[present], "labels": labels.masked_fill(labels == PAD_ID, -100)}
+    labels = labels.masked_fill(labels == PAD_ID, IGNORE_LABEL_ID)  # as the training labels
+    pairs = {"inputs": demos["demo_inputs"].flatten(0, 1)[present], "labels": labels}
     owner = present // D
     cond = Conditioning(context[owner])
     carry = model.initial_carry(pairs)
@@ -45,7 +46,7 @@ def demonstration_objective(model, context: torch.Tensor, demos: dict[str, torch
             carry, _ = model(carry, pairs, cond)
     carry, out = model(carry, pairs, cond)
     per_token = stablemax_cross_entropy(out.logits, pairs["labels"])  # (N, L) float64
-    per_pair = per_token.sum(-1) / (pairs["labels"] != -100).sum(-1).clamp_min(1)
+    per_pair = per_token.sum(-1) / (pairs["labels"] != IGNORE_LABEL_ID).sum(-1).clamp_min(1)
     total = torch.zeros(B, dtype=per_pair.dtype, device=per_pair.device).index_add(0, owner, per_pair)
     return total / demos["demo_mask"].sum(-1).clamp_min(1)
 
@@ -58,7 +59,7 @@ def adapt_context(model, conditioning: Conditioning, demos: dict[str, torch.Tens
     start = conditioning.context.detach().float()
     act_steps = cfg.act_steps or model.arch.halt_max_steps
     movable = torch.ones_like(start[0, :, :1])  # (P, 1): the positions the conditioner fills
-    if getattr(model.conditioner, "context_positions", None) is not None:
+    if model.conditioner.context_positions is not None:
         movable[model.conditioner.context_positions :] = 0
     context = start.clone().requires_grad_(True)
     optimiser = torch.optim.Adam([context], lr=cfg.lr)

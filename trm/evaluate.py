@@ -154,8 +154,7 @@ def _run_examples(model, split: ArcSplit, indices: np.ndarray, context_from: np.
             ctx = np.concatenate([ctx, np.full(local_batch_size - len(ctx), ctx[-1])])
         batch = split.batch(padded, demos, ctx)
         if adapting:  # the demonstrations as the core reads grids, for the objective
-            canvases = split.batch(padded, "padded", ctx)
-            batch.update({k: v for k, v in canvases.items() if k.startswith("demo_")})
+            batch.update(split.canvases(split.demo_rows(padded if ctx is None else ctx)))
         return start, idx, batch
 
     sums = torch.zeros(num_groups, 7, dtype=torch.float64, device=device)

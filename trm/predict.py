@@ -23,7 +23,6 @@ averaged over those tasks. A task larger than the model's canvas is not predicte
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import tempfile
@@ -41,14 +40,13 @@ from trm.data.grids import VOCAB_SIZE
 from trm.data.tasks import ArcTask, load_source
 from trm.errors import InputError
 from trm.evaluate import predict_examples, ranked_grids
+from trm.train import build_model, fast_path
 
 FALLBACK = [[0]]  # an attempt where fewer than two non-empty grids were predicted
 
 
 def load_run(path: str, device: torch.device):
     """The model of a checkpoint (EMA weights where it has them) and its validated config."""
-    from trm.train import build_model
-
     file, state = checkpoint.read_weights_file(path)
     if not isinstance(state, dict) or "config" not in state:
         raise InputError(f"{file}: not a checkpoint of this framework (no config inside)")
@@ -119,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
             write_prediction_split(fitting, size, a.augmentations, cfg.data.max_demos, cfg.data.seed, Path(tmp) / "data")
             split = ArcSplit(Path(tmp) / "data", "test")
             adapt = AdaptConfig(target="context", steps=a.adapt_steps, lr=a.adapt_lr) if a.adapt_steps else None
-            autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+            autocast = fast_path(cfg, model, device)  # the run's own dtype and compile settings here
             records = predict_examples(model, split, np.arange(split.num_examples), a.batch_size, device,
                                        autocast, model.conditioner.demos, adapt)  # fmt: skip
         predicted = submission(fitting, records)

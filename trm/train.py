@@ -383,8 +383,9 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
     with StopRequest(env.world_size) as stop, contextlib.closing(feed):
         while step < plan.last_step:
             batch = feed.next(*((carry.halted, carry.data.get("demo_rows")) if carry is not None else ()))
-            if carry is None or set(carry.data) != {k for k, v in batch.items() if isinstance(v, torch.Tensor)}:
-                carry = model.initial_carry(batch)  # the first step (or a carry saved with other demonstrations)
+            if step == start_step and carry is not None and carry.data.keys() != model.initial_carry(batch).data.keys():
+                carry = None  # resumed with a carry saved with other demonstrations: the slots restart
+            carry = carry or model.initial_carry(batch)
             step += 1
             carry, metrics, lrs, ok = train_step(model, carry, batch, opt, cfg, step, plan, autocast, feed)
             if ema is not None:

@@ -90,6 +90,16 @@ class ArcSplit:
         idx = np.asarray(idx)
         return np.where((idx < 0)[:, None], -1, self.example_demos[np.maximum(idx, 0)]).astype(np.int64)
 
+    def canvases(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """The pool rows ``rows`` (B, D) on the canvas: demo_inputs, demo_labels (B, D, L) int32
+        (all PAD where there is no demonstration) and demo_mask (B, D) bool."""
+        mask = rows >= 0
+        safe = np.maximum(rows, 0)
+        demo_in = np.where(mask[..., None], self.demo_inputs[safe], PAD_ID)
+        demo_out = np.where(mask[..., None], self.demo_labels[safe], PAD_ID)
+        return {"demo_inputs": torch.from_numpy(demo_in.astype(np.int32)),
+                "demo_labels": torch.from_numpy(demo_out.astype(np.int32)), "demo_mask": torch.from_numpy(mask)}  # fmt: skip
+
     def pack(self, rows: np.ndarray, layout: str) -> PackedDemos:
         """The pool rows ``rows`` (B, D) packed for ``layout`` (:func:`trm.data.demos.pack_demos`)."""
         return pack_demos(self.demo_inputs, self.demo_labels, rows, layout)
@@ -126,14 +136,7 @@ class ArcSplit:
             return batch
         rows = self.demo_rows(ctx)
         if demos in ("padded", True):
-            mask = rows >= 0
-            safe = np.maximum(rows, 0)
-            demo_in = np.where(mask[..., None], self.demo_inputs[safe], PAD_ID)
-            demo_out = np.where(mask[..., None], self.demo_labels[safe], PAD_ID)
-            batch["demo_inputs"] = torch.from_numpy(demo_in.astype(np.int32))
-            batch["demo_labels"] = torch.from_numpy(demo_out.astype(np.int32))
-            batch["demo_mask"] = torch.from_numpy(mask)
-            return batch
+            return {**batch, **self.canvases(rows)}
         batch["demo_rows"] = torch.from_numpy(rows)
         if demos != "rows":
             batch["demos"] = self.pack(rows, demos)

@@ -37,10 +37,6 @@ class Conditioner(nn.Module):
     demos: str | None = None
     context_positions: int | None = None  # positions of the context it fills (None: all)
 
-    @property
-    def needs_demos(self) -> bool:
-        return self.demos is not None
-
     def forward(self, batch: dict[str, torch.Tensor]) -> Conditioning:
         raise NotImplementedError
 
