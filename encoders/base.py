@@ -22,6 +22,7 @@ from torch import nn
 from encoders.config import EncoderArchConfig
 from encoders.registry import POOLINGS
 from trm.data.demos import PackedDemos, cell_mask, cell_triples
+from trm.data.grids import EOS_ID, PAD_ID
 from trm.model.conditioning import Conditioner, Conditioning
 from trm.model.layers import Block, linear, rms_norm, trunc_normal_
 
@@ -121,6 +122,17 @@ class DemoEncoder(Conditioner):
         pooled = self.encode_cells(triples)
         out = pooled.new_zeros(B * D, self.dim)
         return out.index_copy(0, index, pooled).view(B, D, self.dim)
+
+    def encode_dense(self, demo_inputs: torch.Tensor, demo_labels: torch.Tensor) -> torch.Tensor:
+        """(N, L) canvases of N pairs, absent ones (all PAD) included -> (N, d), zero for those.
+        No pair is selected: no host-device synchronisation and shapes fixed by the input, so the
+        call can run under ``torch.func.vmap`` (per-task weights, :mod:`trm.adapt`). An absent pair
+        is given one EOS cell, so that its attention has a key (its vector is then dropped)."""
+        present = ((demo_inputs != PAD_ID) | (demo_labels != PAD_ID)).any(-1)  # (N,)
+        first_cell = torch.arange(demo_inputs.shape[-1], device=demo_inputs.device) == 0
+        inputs = torch.where(first_cell & ~present[:, None], EOS_ID, demo_inputs)
+        pooled = self.encode_cells(cell_triples(inputs.long(), demo_labels.long(), self.arch.encoder_pair_layout))
+        return torch.where(present[:, None], pooled, 0.0)
 
     def select_demos(self, demo_mask: torch.Tensor) -> torch.Tensor:
         """Keep the first ``num_demos`` valid demonstrations of each sample."""

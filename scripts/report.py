@@ -35,6 +35,7 @@ COLUMNS = [
     ("adaptation", "adaptation", "{}"),
     ("objective before", "eval/test/adapt_objective_before", "{:.3f}"),
     ("objective after", "eval/test/adapt_objective_after", "{:.3f}"),
+    ("adaptation ms per task", "eval/test/adapt_ms_per_task", "{:.0f}"),
     ("context norm", "encoder/output_norm", "{:.3g}"),
     ("cross-task cosine", "encoder/cross_puzzle_cosine", "{:.3f}"),
     ("grad/encoder_norm", "grad/encoder_norm", "{:.3g}"),
@@ -53,7 +54,14 @@ def load(run_dir: Path) -> dict | None:
     adapted = adapt.get("target", "none") != "none"
     return {"name": run_dir.name, "experiment": cfg.get("experiment") or "-", "seed": cfg.get("seed"),
             "preset": cfg.get("preset") or "-", **json.loads(summary.read_text()),
-            **({"adaptation": f"{adapt['target']}, {adapt.get('steps')} steps, lr {adapt.get('lr')}"} if adapted else {})}  # fmt: skip
+            **({"adaptation": describe(adapt)} if adapted else {})}  # fmt: skip
+
+
+def describe(adapt: dict) -> str:
+    """``eval.adapt`` in a few words: 'all, 10 steps, lr 0.001, 4 copies'."""
+    copies = adapt.get("augmentations") or 1
+    return (f"{adapt['target']}, {adapt.get('steps')} steps, lr {adapt.get('lr')}"
+            + (f", {copies} copies" if adapt["target"] in ("encoder", "all") and copies > 1 else ""))  # fmt: skip
 
 
 def grade(accuracy: float | None) -> str:
@@ -77,6 +85,7 @@ def set_columns(runs: list[dict]) -> list[tuple[str, str, str]]:
         (f"{name} reliance", f"eval/{name}/context_reliance", "{:+.2f}"),
         (f"{name} pass@2", f"ARC/{name}/pass@2", "{:.1%}"),
         (f"{name} objective after", f"eval/{name}/adapt_objective_after", "{:.3f}"),
+        (f"{name} adaptation ms per task", f"eval/{name}/adapt_ms_per_task", "{:.0f}"),
     )]  # fmt: skip
 
 

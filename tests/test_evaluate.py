@@ -7,6 +7,7 @@ import torch
 
 from trm.data.dataset import ArcSplit
 from trm.evaluate import Prediction, evaluate_split, grid_key, pass_at_k, select_examples
+from trm.model.trm import TinyRecursiveModel
 
 A = grid_key(np.array([[1]], np.uint8))
 B = grid_key(np.array([[2]], np.uint8))
@@ -62,6 +63,8 @@ class _ScriptedModel(torch.nn.Module):
 
     def conditioner(self, batch):
         return None
+
+    predict = TinyRecursiveModel.predict  # the evaluation loop under test
 
     def forward(self, step, batch, conditioning):
         labels = batch["labels"].clamp_min(0)
@@ -135,6 +138,8 @@ class Oracle(torch.nn.Module):
 
     class arch:
         halt_max_steps = 2
+
+    predict = TinyRecursiveModel.predict
 
     def __init__(self, split, right: np.ndarray, q: float = 1.0, stray: bool = False):
         super().__init__()

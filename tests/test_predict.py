@@ -58,7 +58,9 @@ def test_predict_writes_a_submission_for_tasks_with_and_without_answers(tiny_dat
     for name, answers in (("known", True), ("unknown", False)):
         (folder / f"{name}.json").write_text(json.dumps({"train": pairs(task.demos, True), "test": pairs(task.tests, answers)}))
     out = tmp_path / "submission.json"
-    main([str(tmp_path / "run"), str(folder), "--out", str(out), "--augmentations", "3", "--adapt-steps", "2"])
+    # Adaptation on: the context for the puzzle embedding, every weight per task for the encoder model.
+    adapt = ["--adapt-target", "all", "--adapt-copies", "2", "--adapt-lr", "0.001"] if entry == "encoder" else []
+    main([str(tmp_path / "run"), str(folder), "--out", str(out), "--augmentations", "3", "--adapt-steps", "2", *adapt])
     result = json.loads(out.read_text())
     assert sorted(result) == ["known", "unknown"]
     for entries in result.values():

@@ -66,13 +66,16 @@ def test_an_adapted_evaluation_is_a_row_of_its_own_and_stays_out_of_the_verdict(
         ("P4-adapt20", {"target": "context", "steps": 20, "lr": 0.2},
          {"eval/train/exact_accuracy": 0.99, "ARC/pass@1": 0.1, "ARC/pass@2": 0.15, "eval/test/adapt_objective_before": 0.7,
           "eval/test/adapt_objective_after": 0.5}),
+        ("P4-all10", {"target": "all", "steps": 10, "lr": 0.001, "augmentations": 4},
+         {"eval/train/exact_accuracy": 0.99, "ARC/pass@2": 0.4, "eval/test/adapt_ms_per_task": 812.4}),
     ):  # fmt: skip
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.yaml").write_text(yaml.safe_dump({"experiment": "E0v2", "seed": 0, "eval": {"adapt": adapt}}))
         (tmp_path / name / "summary.json").write_text(json.dumps(summary))
-    runs = [load(tmp_path / "P4"), load(tmp_path / "P4-adapt20")]
-    head, _, plain, adapted = ([c.strip() for c in line.strip("|").split("|")] for line in table(runs).splitlines())
-    plain, adapted = dict(zip(head, plain)), dict(zip(head, adapted))
+    runs = [load(tmp_path / name) for name in ("P4", "P4-adapt20", "P4-all10")]
+    head, _, plain, adapted, tuned = ([c.strip() for c in line.strip("|").split("|")] for line in table(runs).splitlines())
+    plain, adapted, tuned = dict(zip(head, plain)), dict(zip(head, adapted)), dict(zip(head, tuned))
+    assert tuned["adaptation"] == "all, 10 steps, lr 0.001, 4 copies" and tuned["adaptation ms per task"] == "812"
     assert plain["adaptation"] == "-" and adapted["adaptation"] == "context, 20 steps, lr 0.2"
     assert (plain["held-out pass@2"], adapted["held-out pass@2"]) == ("3.0%", "15.0%")
     assert adapted["held-out pass@1"] == "10.0%" and (adapted["objective before"], adapted["objective after"]) == ("0.700", "0.500")

@@ -1,4 +1,4 @@
-"""Test-time adaptation of the task context on the task's own demonstrations (``eval.adapt``).
+"""Test-time adaptation on each task's own demonstrations (``eval.adapt``), two kinds.
 
 ``target=context`` (LPN's latent search): before predicting, the context each example gets (from
 the encoder, or the puzzle embedding's row; for a task never trained on, the blank row) is refined
@@ -12,48 +12,74 @@ the gradient through the last. One context per example, fitted to all its demons
 contexts along the way, the one with the lowest objective is kept (never worse than the start).
 The puzzle embedding only ever fills the first context position, so only that one moves for it.
 
-Shapes: B examples, D demonstration slots, L = grid_size^2 cells, context (B, P, hidden).
+``target=encoder`` / ``target=all`` (test-time training): the demo encoder's weights (or every
+weight) are fine-tuned per task on the *leave-one-out* objective: each demonstration's output
+predicted from its input with the context the encoder computes from the task's *other*
+demonstrations, averaged over the pairs, optionally over augmented copies of the demonstrations
+(a random dihedral transform and colour permutation each, as in training). Each task gets its own
+copy of the weights: ``tasks_per_batch`` tasks are fitted at once by ``torch.func.vmap`` over
+stacked weights (Adam is elementwise, so one optimiser over the stack updates each task's copy from
+its own gradient alone). The weights with the lowest objective along the way predict the task's
+examples; the model's own weights are never written (functional calls), so nothing needs
+restoring.
+
+Shapes: B examples, D demonstration slots, L = grid_size^2 cells, context (B, P, hidden); per-task
+tensors carry a leading T (tasks), A (copies) or E (the task's evaluated examples).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
 
+import numpy as np
 import torch
+from torch import nn
+from torch.func import functional_call, vmap
 
 from trm.config import AdaptConfig
-from trm.data.grids import IGNORE_LABEL_ID, PAD_ID
+from trm.errors import InputError
+from trm.data.dataset import ArcSplit
+from trm.data.grids import IGNORE_LABEL_ID, NUM_DIHEDRAL, PAD_ID, augment, decode_grid, encode_grid, random_colour_permutation
 from trm.losses import stablemax_cross_entropy
 from trm.model.conditioning import Conditioning
 
 
-def demonstration_objective(model, context: torch.Tensor, demos: dict[str, torch.Tensor], act_steps: int) -> torch.Tensor:
-    """(B,) objective of each example's context ``context`` (B, P, hidden): demos holds the
-    canvases demo_inputs, demo_labels (B, D, L) and demo_mask (B, D); PAD cells of an output are
-    not predicted (as PAD labels in training).
-    Differentiable in ``context`` through the last ACT step; an example without demonstrations
-    gets 0."""
-    B, D, L = demos["demo_inputs"].shape
-    present = demos["demo_mask"].flatten().nonzero().squeeze(-1)  # evaluation only: a sync is fine
-    labels = demos["demo_labels"].flatten(0, 1)[present].long()
-    labels = labels.masked_fill(labels == PAD_ID, IGNORE_LABEL_ID)  # as the training labels
-    pairs = {"inputs": demos["demo_inputs"].flatten(0, 1)[present], "labels": labels}
-    owner = present // D
-    cond = Conditioning(context[owner])
+def pair_losses(model, inputs: torch.Tensor, labels: torch.Tensor, context: torch.Tensor, act_steps: int) -> torch.Tensor:
+    """(N,) mean per-token stablemax loss of each pair's output ``labels`` (N, L) (PAD cells
+    ignored) given its input ``inputs`` (N, L) and context (N, P, hidden), the model run for
+    ``act_steps`` ACT steps, differentiable through the last. A pair without labelled cells gets 0."""
+    labels = labels.long().masked_fill(labels == PAD_ID, IGNORE_LABEL_ID)  # as the training labels
+    pairs, cond = {"inputs": inputs, "labels": labels}, Conditioning(context)
     carry = model.initial_carry(pairs)
     with torch.no_grad():
         for _ in range(act_steps - 1):
             carry, _ = model(carry, pairs, cond)
     carry, out = model(carry, pairs, cond)
-    per_token = stablemax_cross_entropy(out.logits, pairs["labels"])  # (N, L) float64
-    per_pair = per_token.sum(-1) / (pairs["labels"] != IGNORE_LABEL_ID).sum(-1).clamp_min(1)
+    per_token = stablemax_cross_entropy(out.logits, labels)  # (N, L) float64
+    return per_token.sum(-1) / (labels != IGNORE_LABEL_ID).sum(-1).clamp_min(1)
+
+
+def demonstration_objective(model, context: torch.Tensor, demos: dict[str, torch.Tensor], act_steps: int) -> torch.Tensor:
+    """(B,) objective of each example's context ``context`` (B, P, hidden): demos holds the
+    canvases demo_inputs, demo_labels (B, D, L) and demo_mask (B, D). Differentiable in
+    ``context`` through the last ACT step; an example without demonstrations gets 0."""
+    B, D, L = demos["demo_inputs"].shape
+    present = demos["demo_mask"].flatten().nonzero().squeeze(-1)  # evaluation only: a sync is fine
+    owner = present // D
+    per_pair = pair_losses(model, demos["demo_inputs"].flatten(0, 1)[present],
+                           demos["demo_labels"].flatten(0, 1)[present], context[owner], act_steps)  # fmt: skip
     total = torch.zeros(B, dtype=per_pair.dtype, device=per_pair.device).index_add(0, owner, per_pair)
     return total / demos["demo_mask"].sum(-1).clamp_min(1)
 
 
+def _optimiser(cfg: AdaptConfig, tensors: list[torch.Tensor]) -> torch.optim.Optimizer:
+    return (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)(tensors, lr=cfg.lr)
+
+
 def adapt_context(model, conditioning: Conditioning, demos: dict[str, torch.Tensor], cfg: AdaptConfig,
                   autocast) -> tuple[Conditioning, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The context refined by ``cfg.steps`` Adam steps on :func:`demonstration_objective`, the
+    """The context refined by ``cfg.steps`` optimiser steps on :func:`demonstration_objective`, the
     best seen kept per example. Returns the new conditioning and the objectives (B,) before and
     after. No weight of the model changes (gradients are taken for the context alone)."""
     start = conditioning.context.detach().float()
@@ -62,7 +88,7 @@ def adapt_context(model, conditioning: Conditioning, demos: dict[str, torch.Tens
     if model.conditioner.context_positions is not None:
         movable[model.conditioner.context_positions :] = 0
     context = start.clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([context], lr=cfg.lr)
+    optimiser = _optimiser(cfg, [context])
     best, best_objective = start.clone(), None
     with torch.enable_grad():
         for step in range(cfg.steps + 1):
@@ -79,3 +105,149 @@ def adapt_context(model, conditioning: Conditioning, demos: dict[str, torch.Tens
             context.grad = grad * movable
             optimiser.step()
     return replace(conditioning, context=best.to(conditioning.context.dtype)), before, best_objective
+
+
+# Fine-tuning of weights per task (target=encoder / all) -------------------------------------------
+
+
+def check_target(cfg: AdaptConfig, model) -> None:
+    """Fail at once (not at the first evaluation) on a target the model cannot adapt."""
+    if cfg.of_weights and not hasattr(model.conditioner, "encode_dense"):
+        raise InputError(f"eval.adapt.target={cfg.target} fine-tunes a demo encoder's weights, and this model "
+                         "has none (the puzzle embedding adapts with eval.adapt.target=context)")  # fmt: skip
+
+
+def leave_one_out(mask: torch.Tensor) -> torch.Tensor:
+    """(..., D) demonstrations present -> (..., D, D): view j holds the present pairs other than j."""
+    D = mask.shape[-1]
+    return mask.unsqueeze(-2) & ~torch.eye(D, dtype=torch.bool, device=mask.device)
+
+
+def augmented_copies(split: ArcSplit, rows: np.ndarray, tasks: np.ndarray, copies: int) -> dict[str, torch.Tensor]:
+    """The demonstrations of pool rows ``rows`` (T, D) (-1: none), one task each, in ``copies``
+    versions: fit_inputs, fit_labels (T, A, D, L) int32 canvases and fit_mask (T, A, D). Copy 0 is
+    as given; copy a > 0 of task t applies the dihedral transform and colour permutation drawn from
+    the seed (t, a), to every demonstration alike (an augmented copy is the same task's rule)."""
+    canvases = split.canvases(rows)
+    inputs = canvases["demo_inputs"].numpy()[:, None].repeat(copies, 1)
+    labels = canvases["demo_labels"].numpy()[:, None].repeat(copies, 1)
+    S = split.grid_size
+    for t, task in enumerate(tasks):
+        for a in range(1, copies):
+            rng = np.random.default_rng([int(task) + 1, a])
+            transform, colours = int(rng.integers(NUM_DIHEDRAL)), random_colour_permutation(rng)
+            for d in np.flatnonzero(rows[t] >= 0):
+                for grids in (inputs, labels):
+                    grids[t, a, d] = encode_grid(augment(decode_grid(grids[t, 0, d], S), transform, colours), S)
+    return {"fit_inputs": torch.from_numpy(inputs), "fit_labels": torch.from_numpy(labels),
+            "fit_mask": canvases["demo_mask"][:, None].expand(-1, copies, -1).contiguous()}  # fmt: skip
+
+
+def task_batches(split: ArcSplit, indices: np.ndarray, context_from: np.ndarray | None,
+                 cfg: AdaptConfig) -> Iterator[tuple[np.ndarray, np.ndarray, dict]]:  # fmt: skip
+    """The examples ``indices`` grouped by the task their context comes from (``context_from``, as
+    in :meth:`ArcSplit.batch`; the empty task is one group), ``cfg.tasks_per_batch`` tasks at a
+    time. Yields (positions in ``indices`` of the batch's examples, their rows in the batch, batch):
+    the batch has T * E rows (E: the most examples of one of its tasks; a task with fewer repeats
+    its last), padded demonstrations, and the copies each task is fitted on
+    (:func:`augmented_copies` of the demonstrations of its first example)."""
+    ctx = indices if context_from is None else context_from
+    task = np.where(ctx < 0, -1, split.example_task(np.maximum(ctx, 0)))
+    order = np.argsort(task, kind="stable")
+    tasks, first, counts = np.unique(task[order], return_index=True, return_counts=True)
+    for c in range(0, len(tasks), cfg.tasks_per_batch):
+        chunk = slice(c, c + cfg.tasks_per_batch)
+        E = int(counts[chunk].max())
+        slots = order[first[chunk][:, None] + np.minimum(np.arange(E), counts[chunk][:, None] - 1)]  # (T, E)
+        valid = np.arange(E) < counts[chunk][:, None]
+        batch = split.batch(indices[slots.ravel()], "padded", None if context_from is None else context_from[slots.ravel()])
+        batch.update(augmented_copies(split, split.demo_rows(ctx[slots[:, 0]]), tasks[chunk], cfg.augmentations))
+        yield slots[valid], np.flatnonzero(valid), batch
+
+
+class _Bound(nn.Module):
+    """``fn(model, *args)`` as a module's forward, so that functional_call can swap its weights."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args):
+        return fn(self.model, *args)
+
+
+def _per_task(fn, model, weights: dict[str, torch.Tensor], *args: torch.Tensor):
+    """fn(model, *args) for each task t with the weights ``weights[name][t]`` in place of those
+    named: one vmapped call over the leading (task) axis of the weights and of ``args``."""
+    bound = _Bound(model)
+    params = {f"model.{name}": w for name, w in weights.items()}
+    call = lambda p, *a: functional_call(bound, p, (fn, *a), strict=False)  # noqa: E731
+    return vmap(call, in_dims=(0,) * (1 + len(args)), randomness="same")(params, *args)
+
+
+def _leave_one_out_objective(model, inputs, labels, mask, act_steps: int) -> torch.Tensor:
+    """One task: () mean over its present pairs (A copies x D slots; inputs, labels (A, D, L),
+    mask (A, D)) of each pair's loss given the context of its copy's other pairs."""
+    A, D, L = inputs.shape
+    encoder = model.conditioner
+    pairs = encoder.encode_dense(inputs.flatten(0, 1), labels.flatten(0, 1)).view(A, D, -1)
+    others = pairs.unsqueeze(1).expand(A, D, D, pairs.shape[-1]).flatten(0, 1)  # (A * D views, D, d)
+    context = encoder.aggregate(others, encoder.select_demos(leave_one_out(mask).flatten(0, 1))).context
+    losses = pair_losses(model, inputs.flatten(0, 1), labels.flatten(0, 1), context, act_steps)  # (A * D,)
+    weight = mask.flatten().to(losses.dtype)
+    return (losses * weight).sum() / weight.sum().clamp_min(1)
+
+
+def _predict(model, inputs, demo_inputs, demo_labels, demo_mask):
+    """One task's E examples (inputs (E, L); their demonstrations (E, D, L), demo_mask (E, D)) as
+    evaluation predicts them: see :meth:`TinyRecursiveModel.predict`."""
+    E, D, L = demo_inputs.shape
+    encoder = model.conditioner
+    pairs = encoder.encode_dense(demo_inputs.flatten(0, 1), demo_labels.flatten(0, 1)).view(E, D, -1)
+    return model.predict({"inputs": inputs}, encoder.aggregate(pairs, encoder.select_demos(demo_mask)))
+
+
+def finetune(model, fit: dict[str, torch.Tensor], cfg: AdaptConfig, autocast):
+    """Each task's copy of the adapted weights (the encoder's for target=encoder, every one for
+    all), fitted by ``cfg.steps`` optimiser steps on its leave-one-out objective from the copies
+    of its demonstrations ``fit`` (fit_inputs, fit_labels (T, A, D, L), fit_mask (T, A, D)); of the
+    copies along the way, the one with the lowest objective is kept. Returns the weights
+    (name -> (T, ...)) and the objectives (T,) before and after."""
+    T = fit["fit_inputs"].shape[0]
+    prefix = "conditioner." if cfg.target == "encoder" else ""
+    weights = {name: p.detach()[None].repeat(T, *[1] * p.ndim).requires_grad_(True)
+               for name, p in model.named_parameters() if name.startswith(prefix)}  # fmt: skip
+    optimiser = _optimiser(cfg, list(weights.values()))
+    act_steps = cfg.act_steps or model.arch.halt_max_steps
+    objective_of = lambda m, *a: _leave_one_out_objective(m, *a, act_steps)  # noqa: E731
+    best, best_objective = {n: w.detach().clone() for n, w in weights.items()}, None
+    with torch.enable_grad():
+        for step in range(cfg.steps + 1):
+            with autocast():
+                objective = _per_task(objective_of, model, weights, fit["fit_inputs"], fit["fit_labels"], fit["fit_mask"])
+            if best_objective is None:
+                before = best_objective = objective.detach()
+            better = objective.detach() < best_objective
+            for name, w in weights.items():
+                best[name] = torch.where(better.view(T, *[1] * (w.ndim - 1)), w.detach(), best[name])
+            best_objective = torch.where(better, objective.detach(), best_objective)
+            if step == cfg.steps:
+                break
+            # Unused weights (e.g. a pooling the encoder does not call) get a zero gradient.
+            grads = torch.autograd.grad(objective.sum(), list(weights.values()), materialize_grads=True)
+            for w, g in zip(weights.values(), grads):
+                w.grad = g
+            optimiser.step()
+    return best, before, best_objective
+
+
+@torch.no_grad()
+def predict_per_task(model, weights: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], autocast):
+    """The T * E examples of a batch of :func:`task_batches`, task t's with its weights
+    ``weights[name][t]``: predictions, those at halt (T * E, L) and q_halt (T * E,)."""
+    T = next(iter(weights.values())).shape[0]
+    per_task = lambda t: t.view(T, -1, *t.shape[1:])  # noqa: E731  (T * E, ...) -> (T, E, ...)
+    with autocast():
+        out = _per_task(_predict, model, weights, *(per_task(batch[k]) for k in
+                                                     ("inputs", "demo_inputs", "demo_labels", "demo_mask")))  # fmt: skip
+    return tuple(t.flatten(0, 1) for t in out)

@@ -73,16 +73,26 @@ class DataConfig(BuildOptions):
 class AdaptConfig(Strict):
     """Test-time adaptation at evaluation (trm/adapt.py), off by default."""
 
-    target: Literal["none", "context"] = Field(
-        "none", description="none, or context: refine each example's context on its demonstrations, weights frozen")
-    steps: int = Field(0, ge=0, description="Adam steps on the demonstration objective (0: the context as computed)")
-    lr: float = Field(0.01, gt=0, description="Adam learning rate on the context")
+    target: Literal["none", "context", "encoder", "all"] = Field(
+        "none", description="none; context: refine each example's context, weights frozen; encoder / all: "
+        "fine-tune the demo encoder's (or every) weights per task, leave-one-out")  # fmt: skip
+    steps: int = Field(0, ge=0, description="optimiser steps on the demonstration objective (0: as computed)")
+    lr: float = Field(0.01, gt=0, description="learning rate of those steps")
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="adam, or plain sgd")
     act_steps: int | None = Field(
         None, ge=1, description="ACT steps per objective evaluation, gradient through the last (None: halt_max_steps)")
+    augmentations: int = Field(
+        1, ge=1, description="encoder / all: copies of each task's demonstrations fine-tuned on, the first as "
+        "given, the others under a random dihedral transform and colour permutation")  # fmt: skip
+    tasks_per_batch: int = Field(8, ge=1, description="encoder / all: tasks fine-tuned at once (each its own weights)")
 
     @property
     def enabled(self) -> bool:
         return self.target != "none"
+
+    @property
+    def of_weights(self) -> bool:
+        return self.target in ("encoder", "all")
 
 
 class EvalConfig(Strict):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trm.adapt import adapt_context
+from trm.adapt import adapt_context, finetune, predict_per_task, task_batches
 from trm.config import AdaptConfig, EvalConfig
 from trm.data.dataset import ArcSplit
 from trm.data.pipeline import Prefetcher, to_device
@@ -139,64 +139,67 @@ def _run_examples(model, split: ArcSplit, indices: np.ndarray, context_from: np.
                   keep_records: bool, adapt: AdaptConfig | None = None) -> tuple[torch.Tensor, list[Prediction]]:  # fmt: skip
     """Sums (token accuracy, exact, exact at halt, count, adaptation objective before, after,
     adaptation ms) over ``indices`` on this rank, one row per group of ``groups`` (num_groups, 7),
-    and the vote records when ``keep_records``. With ``adapt`` enabled, each batch's contexts are
-    first refined on its demonstrations (:func:`trm.adapt.adapt_context`). Batches are assembled a
-    few ahead in a background thread."""
+    and the vote records when ``keep_records``. With ``adapt``, each batch's contexts are first
+    refined on its demonstrations (target=context: :func:`trm.adapt.adapt_context`), or the
+    examples go by task, each task predicted with weights fine-tuned on its demonstrations
+    (encoder / all: :func:`trm.adapt.finetune`). Batches are assembled a few ahead in a
+    background thread."""
     adapting = adapt is not None and adapt.enabled
+    fine_tuning = adapting and adapt.of_weights
 
-    def make_batch(start: int) -> tuple[int, np.ndarray, dict]:
-        idx = indices[start : start + local_batch_size]
+    def example_batch(start: int) -> tuple[np.ndarray, np.ndarray, dict]:
+        positions = np.arange(start, min(start + local_batch_size, len(indices)))
         # Pad to a fixed batch shape (compiled kernels see one shape); padded rows are dropped.
-        padded = np.concatenate([idx, np.full(local_batch_size - len(idx), idx[-1])])
-        ctx = None
-        if context_from is not None:
-            ctx = context_from[start : start + local_batch_size]
-            ctx = np.concatenate([ctx, np.full(local_batch_size - len(ctx), ctx[-1])])
-        batch = split.batch(padded, demos, ctx)
+        padded = np.concatenate([positions, np.full(local_batch_size - len(positions), positions[-1])])
+        ctx = None if context_from is None else context_from[padded]
+        batch = split.batch(indices[padded], demos, ctx)
         if adapting:  # the demonstrations as the core reads grids, for the objective
-            batch.update(split.canvases(split.demo_rows(padded if ctx is None else ctx)))
-        return start, idx, batch
+            batch.update(split.canvases(split.demo_rows(indices[padded] if ctx is None else ctx)))
+        return positions, np.arange(len(positions)), batch
 
+    if fine_tuning:
+        source, make = task_batches(split, indices, context_from, adapt), lambda b: b
+    else:
+        source, make = iter(range(0, len(indices), local_batch_size)), example_batch
     sums = torch.zeros(num_groups, 7, dtype=torch.float64, device=device)
     records: list[Prediction] = []
-    with Prefetcher(iter(range(0, len(indices), local_batch_size)), make_batch) as batches:
-        for start, idx, batch in batches:
+    with Prefetcher(source, make) as batches:
+        for positions, rows, batch in batches:  # rows: where the batch holds the examples at ``positions``
             batch = to_device(batch, device)
-            with autocast():
-                carry = model.initial_carry(batch)
-                conditioning = model.conditioner(batch)
-            objectives, adapt_ms = torch.zeros(2, local_batch_size, dtype=torch.float64, device=device), 0.0
+            objectives = torch.zeros(2, len(batch["inputs"]), dtype=torch.float64, device=device)
+            began = time.perf_counter()
+            if fine_tuning:
+                weights, *before_after = finetune(model, batch, adapt, autocast)
+                before_after = [o.repeat_interleave(len(batch["inputs"]) // len(o)) for o in before_after]  # per row
+            else:
+                with autocast():
+                    conditioning = model.conditioner(batch)
+                if adapting:
+                    conditioning, *before_after = adapt_context(model, conditioning, batch, adapt, autocast)
+            adapt_ms = 0.0
             if adapting:
-                began = time.perf_counter()
-                conditioning, *before_after = adapt_context(model, conditioning, batch, adapt, autocast)
                 objectives = torch.stack(before_after).double()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 adapt_ms = 1000 * (time.perf_counter() - began)
-            with autocast():
-                # Also keep the prediction of the first step whose q_halt > 0, where ACT would stop.
-                halted = torch.zeros(local_batch_size, dtype=torch.bool, device=device)
-                at_halt = None
-                for _ in range(model.arch.halt_max_steps):
-                    carry, out = model(carry, batch, conditioning)
-                    preds = out.logits.argmax(-1)
-                    at_halt = preds if at_halt is None else torch.where(halted[:, None], at_halt, preds)
-                    halted |= out.q_halt > 0
-            n = len(idx)
-            preds, at_halt, labels = preds[:n], at_halt[:n], batch["labels"][:n]
+            if fine_tuning:
+                preds, at_halt, q_halt = predict_per_task(model, weights, batch, autocast)
+            else:
+                with autocast():
+                    preds, at_halt, q_halt = model.predict(batch, conditioning)
+            n, rows = len(rows), torch.as_tensor(rows, device=device)
+            preds, at_halt, labels = preds[rows], at_halt[rows], batch["labels"][rows]
             mask = labels != -100
             correct = (mask & (preds == labels)).sum(-1)
             counts = mask.sum(-1)
             exact_at_halt = (mask & (at_halt == labels)).sum(-1) == counts
             per_example = torch.stack([correct / counts.clamp_min(1), correct == counts, exact_at_halt,
-                                       torch.ones_like(correct)], dim=1).double()  # fmt: skip
+                                       torch.ones_like(correct), *objectives[:, rows]], dim=1).double()  # fmt: skip
             adapt_ms_each = torch.full((n, 1), adapt_ms / n, dtype=torch.float64, device=device)
-            per_example = torch.cat([per_example, objectives[:, :n].T, adapt_ms_each], dim=1)
-            group = torch.as_tensor(groups[start : start + n], device=device)
-            sums.index_add_(0, group, per_example)
+            sums.index_add_(0, torch.as_tensor(groups[positions], device=device), torch.cat([per_example, adapt_ms_each], 1))
             if keep_records:
-                records += _vote_records(split, idx, preds.to(torch.uint8).cpu().numpy(),
-                                         out.q_halt[:n].float().cpu().numpy(), groups[start : start + n])
+                records += _vote_records(split, indices[positions], preds.to(torch.uint8).cpu().numpy(),
+                                         q_halt[rows].float().cpu().numpy(), groups[positions])  # fmt: skip
     return sums, records
 
 
@@ -249,7 +252,12 @@ def evaluate_split(model, split: ArcSplit, indices: np.ndarray, local_batch_size
         if wrong is not None:
             passes["_wrong_context"] = wrong
         passes["_null_context"] = np.full(len(indices), -1)
+    task_of = split.example_task(indices)
+    tasks = np.unique(task_of)
+    num_tasks = len(tasks)
     mine = np.array_split(np.arange(len(indices)), world)[rank]  # this rank's positions
+    if adapt is not None and adapt.of_weights:  # whole tasks: each fine-tuned by one rank
+        mine = np.flatnonzero(np.isin(task_of, np.array_split(tasks, world)[rank]))
     was_training = model.training
     model.eval()
     sums, records = [], []
@@ -280,6 +288,7 @@ def evaluate_split(model, split: ArcSplit, indices: np.ndarray, local_batch_size
                 metrics[f"eval/{prefix}/adapt_objective_before"] = before / max(count, 1)
                 metrics[f"eval/{prefix}/adapt_objective_after"] = after / max(count, 1)
                 metrics[f"eval/{prefix}/adapt_ms_per_example"] = adapt_ms / max(count, 1)
+                metrics[f"eval/{prefix}/adapt_ms_per_task"] = adapt_ms / max(num_tasks, 1)
     if "_wrong_context" in passes:
         right, wrong = (f"eval/{prefix}/exact_accuracy", f"eval/{prefix}/exact_accuracy_wrong_context")
         metrics[f"eval/{prefix}/context_reliance"] = metrics[right] - metrics[wrong]

