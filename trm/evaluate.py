@@ -149,8 +149,10 @@ def _run_examples(model, split: ArcSplit, indices: np.ndarray, context_from: np.
 
     def example_batch(start: int) -> tuple[np.ndarray, np.ndarray, dict]:
         positions = np.arange(start, min(start + local_batch_size, len(indices)))
-        # Pad to a fixed batch shape (compiled kernels see one shape); padded rows are dropped.
-        padded = np.concatenate([positions, np.full(local_batch_size - len(positions), positions[-1])])
+        # Pad to a fixed batch shape (compiled kernels see one shape); padded rows are dropped. Not
+        # when adapting: adapting them would cost as much as real rows.
+        size = len(positions) if adapting else local_batch_size
+        padded = np.concatenate([positions, np.full(size - len(positions), positions[-1])])
         ctx = None if context_from is None else context_from[padded]
         batch = split.batch(indices[padded], demos, ctx)
         if adapting:  # the demonstrations as the core reads grids, for the objective
