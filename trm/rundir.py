@@ -34,7 +34,8 @@ from trm.errors import InputError
 RESUMABLE_KEYS = ("run_name", "run_dir", "resume", "extend", "device", "compile", "tf32", "max_steps", "log_interval",
                   "eval_interval", "checkpoint_interval", "keep_checkpoints", "eval", "wandb")  # fmt: skip
 EXTEND_KEYS = ("epochs",)  # also with extend=true: a longer schedule
-LEFTOVERS = {"config.yaml", "wandb_id.txt", "wandb", "checkpoints"}  # what a run failing before step 1 may leave
+# What a run failing before step 1 may leave, and the queue runner's log (scripts/run_jobs.py).
+LEFTOVERS = {"config.yaml", "wandb_id.txt", "wandb", "checkpoints", "job.log"}
 
 
 class RunDirError(InputError, FileExistsError):
