@@ -14,7 +14,7 @@ def tiny_overrides(tiny_dataset, run_dir, *extra):
         f"data.max_grid_size={o.max_grid_size}", "arch.hidden_size=32", "arch.num_heads=2",
         "arch.H_cycles=2", "arch.L_cycles=1", "arch.puzzle_emb_len=2", "arch.halt_max_steps=3",
         "global_batch_size=8", "epochs=4", "eval_interval=2", "lr_warmup_steps=2", "log_interval=2",
-        "eval.train_augmentations=1", "wandb.mode=disabled", f"run_dir={run_dir}", *extra,
+        "eval.train_augmentations=1", "wandb.mode=disabled", "early_stop=[]", f"run_dir={run_dir}", *extra,
     ]  # fmt: skip
 
 

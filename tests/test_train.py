@@ -306,3 +306,38 @@ def test_context_diagnostics_against_plain_formulas():
     columns = list(zip(*flat))
     stds = [math.sqrt(sum((x - sum(c) / 5) ** 2 for x in c) / 5) for c in columns]
     assert got["encoder/cross_sample_std"] == pytest.approx(sum(stds) / len(stds), rel=1e-5)
+
+
+EARLY_STOP = "early_stop=[{metric:eval/train/exact_accuracy,below:%s,at_fraction:0.5}]"
+
+
+def test_early_stopping_ends_a_failing_run_at_its_rule(tiny_dataset, tmp_path, capsys):
+    """With an evaluation every epoch, the rule is checked from half the steps on: a bar above any
+    accuracy stops the run at the first evaluation from there (saved and summarised), none before."""
+    summary = run(tiny_dataset, tmp_path / "r", EARLY_STOP % 1.1, "eval_interval=1")
+    total = summary["total_steps"]
+    stopped = summary["step"]
+    assert total / 2 <= stopped < total
+    assert summary["stop_reason"].startswith("early stop: eval/train/exact_accuracy = ")
+    assert f"< 1.1 at step {stopped}" in summary["stop_reason"]
+    saved = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert saved["stop_reason"] == summary["stop_reason"]
+    assert final_state(tmp_path / "r")["step"] == stopped  # the checkpoint of the stopping step
+    evaluated = sorted({row["step"] for row in read_rows(tmp_path / "r") if "eval/train/exact_accuracy" in row})
+    assert evaluated[-1] == stopped and all(s < total / 2 for s in evaluated[:-1])  # no earlier stop
+    # Rerunning the command leaves the early-stopped run as it is.
+    capsys.readouterr()
+    again = run(tiny_dataset, tmp_path / "r", EARLY_STOP % 1.1, "eval_interval=1")
+    assert again["step"] == stopped and "is finished" in capsys.readouterr().out
+
+
+def test_early_stopping_leaves_a_run_above_its_bar_alone(tiny_dataset, tmp_path):
+    summary = run(tiny_dataset, tmp_path / "r", EARLY_STOP % -1.0, "eval_interval=1")
+    assert summary["step"] == summary["total_steps"] and summary["stop_reason"] == "finished"
+
+
+def test_an_early_stop_rule_on_a_metric_evaluation_lacks_is_named(tiny_dataset, tmp_path):
+    from trm.errors import InputError
+
+    with pytest.raises(InputError, match="early_stop: metric 'eval/train/exact_acuracy' is not among"):
+        run(tiny_dataset, tmp_path / "r", "early_stop=[{metric:eval/train/exact_acuracy,below:0.2,at_fraction:0.5}]")

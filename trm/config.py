@@ -118,6 +118,15 @@ class WandbConfig(Strict):
     tags: list[str] = Field(default_factory=list)
 
 
+class EarlyStopRule(Strict):
+    """Stop a run that is clearly failing: from ``at_fraction`` of its schedule on, an evaluation
+    whose ``metric`` is below ``below`` ends it (a checkpoint is saved; summary.json says why)."""
+
+    metric: str = Field(description="a metric of the evaluation, e.g. eval/train/exact_accuracy")
+    below: float = Field(description="stop when the metric is below this")
+    at_fraction: float = Field(gt=0, le=1, description="checked at evaluations from this fraction of the steps on")
+
+
 class TrainConfig(Strict):
     arch: ArchConfig = Field(default_factory=ArchConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -158,6 +167,9 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(2, ge=1, description="the newest checkpoints kept")
     max_skipped_steps: int = Field(
         10, ge=1, description="stop after this many updates in a row skipped for a non-finite gradient")
+    early_stop: list[EarlyStopRule] = Field(
+        default_factory=list, description="rules that end a failing run at an evaluation (the plan's experiments: "
+        "eval/train/exact_accuracy below 0.2 at half the steps)")
     resume: bool = Field(True, description="continue from run_dir's checkpoint when there is one")
     init_from: str | None = Field(
         None, description="start a new run from these model weights: a checkpoint (folder or state.pt) of this "
@@ -169,6 +181,22 @@ class TrainConfig(Strict):
     compile: Literal["auto"] | bool = Field(
         "auto", description="torch.compile the recursive core and the demonstration encoder (auto: on CUDA)")
     tf32: bool = Field(True, description="TF32 matrix products on CUDA where float32 remains (outside bf16 autocast)")
+
+
+def early_stop_reason(rules: list[EarlyStopRule], metrics: dict[str, float], step: int, total_steps: int) -> str | None:
+    """Why the evaluation ``metrics`` at ``step`` of ``total_steps`` end the run, or None. A rule
+    whose metric the evaluation lacks is an error (a misspelt name would never stop anything)."""
+    for rule in rules:
+        if step < rule.at_fraction * total_steps:
+            continue
+        if rule.metric not in metrics:
+            raise InputError(f"early_stop: metric {rule.metric!r} is not among the evaluation's metrics "
+                             f"(e.g. {', '.join(sorted(metrics)[:5])}, ...)")  # fmt: skip
+        value = metrics[rule.metric]
+        if value < rule.below:
+            return (f"early stop: {rule.metric} = {value:.4g} < {rule.below} at step {step} "
+                    f"({step / total_steps:.0%} of {total_steps}, rule from {rule.at_fraction:.0%})")
+    return None
 
 
 def _format_errors(err: ValidationError) -> str:

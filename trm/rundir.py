@@ -9,8 +9,9 @@
 - *resumed*: it holds a checkpoint, and the command's config differs from the stored one only in
   :data:`RESUMABLE_KEYS` (and, with ``extend=true``, :data:`EXTEND_KEYS`); any other difference is
   refused, each key named with its stored and its new value, and nothing is changed;
-- *finished*: its ``summary.json`` and a checkpoint at its last step exist: rerunning the command
-  says so and changes nothing; ``extend=true`` trains on (a longer schedule) or evaluates again.
+- *finished*: its ``summary.json`` and a checkpoint at its last step exist (or it was stopped early
+  by an ``early_stop`` rule): rerunning the command says so and changes nothing; ``extend=true``
+  trains on (a longer schedule) or evaluates again.
 
 :func:`inspect` decides without writing; :func:`open_run` then creates what the run needs.
 """
@@ -112,7 +113,9 @@ def inspect(cfg, raw: dict, last_step: int) -> RunDir:
         raise RunDirError(f"cannot resume {path}: the config differs from the stored one{hint}\n  " + "\n  ".join(changes))
     step = checkpoint.step_of(folders[0])
     summary = path / "summary.json"
-    finished = summary.is_file() and step >= last_step and not _read_json(summary).get("diverged")
+    ended = _read_json(summary) if summary.is_file() else {}
+    early = str(ended.get("stop_reason", "")).startswith("early stop")
+    finished = bool(ended) and (step >= last_step or early) and not ended.get("diverged")
     longer = bool(changed_keys(stored, raw, RESUMABLE_KEYS))  # only EXTEND_KEYS can differ here
     return RunDir(path, "finished" if finished and not cfg.extend else "resume", auto, step, longer)
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from trm import checkpoint, rundir
 from trm.adapt import check_target
-from trm.config import RunPlan, TrainConfig, plan_run
+from trm.config import RunPlan, TrainConfig, early_stop_reason, plan_run
 from trm.data.build import ensure_dataset, wait_for_dataset
 from trm.data.dataset import ArcSplit, EpochSampler
 from trm.data.pipeline import TrainFeed
@@ -377,6 +377,7 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
         return metrics
 
     window, skips, last_train, last_eval = MetricWindow(), SkippedSteps(skipped_before, env.device), {}, {}
+    stop_reason = None
     start, start_step = time.perf_counter(), step
     bar = tqdm(total=plan.last_step, initial=step, disable=not env.is_main, unit="step", dynamic_ncols=True)
     model.train()
@@ -413,8 +414,13 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
             evaluating = (plan.eval_every_steps and step % plan.eval_every_steps == 0) or step == plan.last_step
             if evaluating:
                 last_eval = evaluate()
+                stop_reason = early_stop_reason(cfg.early_stop, last_eval, step, plan.total_steps)
             if evaluating or step % cfg.checkpoint_interval == 0:
                 save()
+            if stop_reason:
+                if env.is_main:
+                    bar.write(stop_reason)
+                break
             if stop.agreed(env, step, cfg.log_interval) and step < plan.last_step:
                 folder = save() if saved_at != step else run_dir / "checkpoints" / f"step_{step:08d}"
                 bar.close()
@@ -430,6 +436,7 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
     elapsed = time.perf_counter() - start
     summary = {
         **last_train, **last_eval, "step": step, "total_steps": plan.total_steps, "parameters": n_params,
+        "stop_reason": stop_reason or ("finished" if step >= plan.total_steps else f"max_steps={cfg.max_steps}"),
         "time/train_seconds": elapsed, "time/steps_per_sec": (step - start_step) / max(elapsed, 1e-9),
     }  # fmt: skip
     logger.finish(summary)
