@@ -1,8 +1,16 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from trm.cli import compose, normalise_overrides
 from trm.config import ConfigError, TrainConfig, plan_run
 from trm.rundir import default_run_name
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_e0v2_is_the_plans_setting():
@@ -90,3 +98,32 @@ def test_family_benchmark_experiments_keep_their_changes_at_both_sizes(experimen
             assert cfg.data.max_grid_size <= 10 and cfg.arch.hidden_size <= 128 and cfg.data.families.train_tasks <= 5000
         else:
             assert cfg.data.max_grid_size == 30 and cfg.data.families.train_tasks == 20000 and cfg.arch.hidden_size == 512
+
+
+def test_help_lists_every_key_with_its_value_and_description():
+    from encoders.config import EncoderTrainConfig
+    from trm.cli import schema_keys
+
+    keys = schema_keys(EncoderTrainConfig)
+    assert all(description for _, description in keys), [k for k, d in keys if not d]
+    out = subprocess.run([sys.executable, "pretrain_encoder.py", "experiment=E1v2", "preset=cpu", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120).stdout  # fmt: skip
+    assert "experiment=...: E0v2," in out and "E_diag1" in out and "preset=...: cpu, cpu_families" in out
+    lines = {line.split(" = ")[0].strip(): line for line in out.splitlines() if " = " in line}
+    assert set(lines) == {k for k, _ in keys}
+    assert lines["arch.hidden_size"].split("#")[0].split("=")[1].strip() == "64"  # the preset's value
+    assert "# rules that end a failing run" in lines["early_stop"] and "eval/train/exact_accuracy" in lines["early_stop"]
+
+
+def test_sweep_names_runs_after_swept_values_and_survives_a_failed_job(tiny_dataset, tmp_path):
+    from helpers import tiny_overrides
+
+    args = tiny_overrides(tiny_dataset, tmp_path / "sw", "max_steps=2", "eval.reliance=false")
+    proc = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), "-m", *args, "lr=-1,0.001", "seed=0,1"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 1
+    assert "sweep: 2 job(s) failed" in proc.stderr and proc.stderr.count("lr: Input should be greater than 0") == 2
+    for seed in (0, 1):  # the other two ran to the end, each in a folder naming its values
+        assert json.loads((tmp_path / f"sw-lr=0.001-seed={seed}" / "summary.json").read_text())["step"] == 2
+    assert list((tmp_path / "runs" / "sweeps").glob("*/multirun.yaml"))

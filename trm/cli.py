@@ -5,11 +5,15 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import traceback
+from datetime import datetime
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
+from pydantic import BaseModel
 
 from trm.config import ConfigError, TrainConfig, validate
 from trm.errors import InputError, Interrupted
@@ -69,41 +73,133 @@ def _other_entry_point(config_name: str, overrides: list[str]) -> str | None:
 def run(config_name: str, schema: type[TrainConfig]) -> None:
     """Compose ``config/<config_name>.yaml`` with the command line and train. A bad input, an
     interruption or a divergence ends with one line on stderr (``--debug`` or ``TRM_DEBUG=1``: the
-    traceback)."""
+    traceback). ``--help`` lists the experiments, presets and every key with its description.
+
+    A sweep (``-m seed=0,1 experiment=E1v2,E_diag1``) names each run after the values swept
+    (``E1v2-seed=1-<date>-<time>``, or ``<run_name>-seed=1`` with ``+run_name``); a job that fails
+    says so and the others still run; the sweep then exits 1 naming the failed jobs."""
     args = normalise_overrides([a for a in sys.argv[1:] if a != "--debug"])
     if "--debug" in sys.argv[1:]:
         os.environ["TRM_DEBUG"] = "1"
-    sys.argv = [sys.argv[0]] + args
+    if "--help" in args or "-h" in args:
+        print(help_text(config_name, schema, [a for a in args if "=" in a]))
+        return
+    sys.argv = [sys.argv[0]] + [a if a != "--hydra-help" else "--help" for a in args]
+    swept = swept_keys(args)
+    failed: list[str] = []
 
     @hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base=None)
     def _main(cfg: DictConfig) -> None:
         from trm.train import train
 
+        hydra_cfg = HydraConfig.get()
+        sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+        job = ",".join(hydra_cfg.overrides.task)
         try:
             try:
-                config, raw = resolve(cfg, schema, dict(HydraConfig.get().runtime.choices))
+                config, raw = resolve(cfg, schema, dict(hydra_cfg.runtime.choices))
             except ConfigError as e:
                 script = _other_entry_point(config_name, [a for a in args if "=" in a])
                 if script:
                     raise ConfigError(f"this configuration is for {script}: python {script} {' '.join(args)}") from e
                 raise
+            if sweeping:
+                for key, value in sweep_run_name(raw, list(hydra_cfg.overrides.task), swept).items():
+                    raw[key] = value
+                    setattr(config, key, value)
             train(config, raw)
         except (InputError, FloatingPointError) as e:
-            _fail(f"error: {e}", 1)
+            _fail(f"error: {e}", 1, job if sweeping else None, failed)
         except Interrupted as e:
-            _fail(str(e), e.exit_code)
+            _fail(str(e), e.exit_code)  # the whole sweep stops with a signal
         except KeyboardInterrupt:
             _fail("interrupted (before training started, or a second signal while stopping: the last checkpoint "
                   "is kept)", 130)  # fmt: skip
+        except Exception as e:  # a bug in one job of a sweep: the others still run
+            if not sweeping or os.environ.get("TRM_DEBUG"):
+                raise
+            traceback.print_exc()
+            _fail(f"error: {type(e).__name__}: {e}", 1, job, failed)
 
     _main()
+    if failed:
+        print(f"sweep: {len(failed)} job(s) failed: " + "; ".join(failed), file=sys.stderr)
+        sys.exit(1)
 
 
-def _fail(message: str, code: int) -> None:
-    if os.environ.get("TRM_DEBUG"):
+def _fail(message: str, code: int, job: str | None = None, failed: list[str] | None = None) -> None:
+    """One line on stderr; exit, except for a job of a sweep, which is recorded and the sweep goes on."""
+    if os.environ.get("TRM_DEBUG") and job is None:
         raise
-    print(message, file=sys.stderr)
-    sys.exit(code)
+    print(message if job is None else f"job {job}: {message}", file=sys.stderr)
+    if job is None:
+        sys.exit(code)
+    failed.append(job)
+
+
+def swept_keys(args: list[str]) -> list[str]:
+    """The keys a command line sweeps (``seed=0,1``, ``lr=range(...)``, ``experiment=A,B``), in order."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("hydra/")])
+    except Exception:  # noqa: BLE001 - Hydra reports a malformed override itself
+        return []
+    return [o.key_or_group for o in overrides if o.is_sweep_override()]
+
+
+def sweep_run_name(raw: dict, job_overrides: list[str], swept: list[str]) -> dict[str, str]:
+    """Where a sweep job's run goes, named after its swept values (a swept experiment names
+    itself): ``{"run_dir": "<run_dir>-seed=1"}`` when run_dir is given, else ``{"run_name":
+    "<run_name>-seed=1"}``, or without a run_name ``"<experiment>[-<preset>]-seed=1-<date>-<time>"``."""
+    values = dict(o.lstrip("+").split("=", 1) for o in job_overrides if "=" in o)
+    suffix = "-".join(f"{k}={values[k]}" for k in swept if k in values and k not in GROUPS_SELECTED_BY_NAME)
+    add = lambda base: "-".join(p for p in (base, suffix) if p).replace("/", "_")  # noqa: E731
+    if raw.get("run_dir"):
+        return {"run_dir": str(Path(raw["run_dir"]).with_name(add(Path(raw["run_dir"]).name)))}
+    if raw.get("run_name"):
+        return {"run_name": add(raw["run_name"])}
+    base = "-".join(p for p in (raw.get("experiment"), raw.get("preset")) if p) or "run"
+    return {"run_name": add(base) + datetime.now().strftime("-%Y%m%d-%H%M%S")}
+
+
+def help_text(config_name: str, schema: type[TrainConfig], overrides: list[str]) -> str:
+    """The experiments, presets and other config groups, then every key with its value under
+    ``overrides`` and its one-line description from the schema."""
+    script = ENTRY_POINTS[config_name][0]
+    groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in sorted(Path(CONFIG_DIR).iterdir()) if p.is_dir()}
+    lines = [f"usage: python {script} [experiment=NAME] [preset=NAME] [KEY=VALUE ...] [-m KEY=A,B ...] [--debug]",
+             "       torchrun --nproc-per-node 4 " + script + " experiment=NAME +run_name=NAME", ""]  # fmt: skip
+    lines += [f"{name}=...: {', '.join(options)}" for name, options in groups.items()]
+    lines += ["", "Keys (value with the overrides given; KEY=VALUE changes one; --hydra-help: Hydra's own help):"]
+    _, raw = compose(config_name, overrides, schema)
+    values = _flat(raw)
+    rows = [(key, values.get(key, "-"), description) for key, description in schema_keys(schema)]
+    width = min(44, max(len(f"{k} = {v}") for k, v, _ in rows))
+    lines += [f"  {f'{k} = {v}':<{width}}  # {d}" for k, v, d in rows]
+    return "\n".join(lines)
+
+
+def schema_keys(schema, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, description) of every leaf of a config schema, nested configs expanded."""
+    out = []
+    for name, field in schema.model_fields.items():
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            out += schema_keys(kind, f"{prefix}{name}.")
+        else:
+            out.append((prefix + name, field.description or ""))
+    return out
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 def compose(config_name: str, overrides: list[str], schema: type[TrainConfig] = TrainConfig) -> tuple[TrainConfig, dict]:

