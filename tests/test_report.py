@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from trm.report import ARC_PALETTE, decide, draw_grid, load, main, report, run_dirs, success_level, table
+from trm.report import ARC_PALETTE, draw_grid, load, main, report, run_dirs, success_level, table
 
 
 def make_run(root, name, experiment, exact=None, preset="cpu", seed=0, step=1000, total=1000, cfg=None, **summary):
@@ -169,3 +169,21 @@ def test_grids_are_drawn_in_the_arc_palette():
         expected = tuple(int(ARC_PALETTE[colour][i : i + 2], 16) for i in (1, 3, 5))
         assert tuple(image[int(height - y), int(x)]) == expected
     plt.close(fig)
+
+
+def test_runs_of_a_wandb_project_join_the_local_ones(tmp_path, monkeypatch, capsys):
+    """--wandb reads each online run's config and summary (the API faked here: no network)."""
+    import sys
+    import types
+
+    class Run:
+        def __init__(self, name, experiment, exact):
+            self.name, self.config = name, {"experiment": experiment, "preset": "cpu", "seed": 0}
+            self.summary = {"step": 10, "total_steps": 10, "eval/train/exact_accuracy": exact, "_wandb": {"runtime": 3}}
+
+    api = types.SimpleNamespace(runs=lambda project: [Run("E1v2-online", "E1v2", 0.95)] if project == "me/proj" else [])
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(Api=lambda: api))
+    make_run(tmp_path / "runs", "E0v2", "E0v2", 0.97)
+    main([str(tmp_path / "runs"), "--wandb", "me/proj", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "| E1v2-online | E1v2 | cpu | 0 | complete | 10 of 10 |" in out and "SUCCESS, PHASE 4: E1v2 matches" in out

@@ -137,9 +137,11 @@ def main(argv: list[str] | None = None) -> None:
                           for t in unfit})  # fmt: skip
         checkpoint.write_text_atomic(a.out, json.dumps(predicted))
         score, scored = pass_at_2(tasks, predicted)
+        fit_score, fit_scored = pass_at_2(fitting, predicted)
         print(f"{a.out}: {len(tasks)} tasks, {sum(len(t.tests) for t in tasks)} test inputs"
               + (f" ({len(unfit)} tasks larger than the model's {size}x{size} canvas not predicted)" if unfit else "")
-              + (f"; pass@2 {score:.4f} over the {scored} tasks with answers" if scored else ""))  # fmt: skip
+              + (f"; pass@2 {score:.4f} over the {scored} tasks with answers" if scored else "")
+              + (f", {fit_score:.4f} over the {fit_scored} that fit the canvas" if unfit and fit_scored else ""))  # fmt: skip
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -13,13 +13,13 @@ demonstrations, the truth and its two best predictions, in the ARC palette) to `
   a result, a failing one), partial (stopped before its planned steps: ``max_steps``, a smoke run,
   a killed run) or unfinished (no ``summary.json``). Partial and unfinished runs are listed but
   never enter a row or the verdict unless ``--include-partial``.
-- *Rows*: one per experiment, preset and test-time adaptation, seeds aggregated (mean, and the
-  spread max - min when there are several): train exact accuracy with another task's and with the
+- *Rows*: one per experiment, preset and test-time adaptation, seeds aggregated (mean ± half
+  their range when there are several): train exact accuracy with another task's and with the
   empty context, the context reliance, held-out pass@1/pass@2 (per test set on the family
   benchmark), steps, wall time, encoder diagnostics and, for encoder runs, the plan's success level
   against E0v2 of the same preset. An evaluation of a run's weights with ``eval.adapt`` is a row of
   its own (compare it with the run's) and stays out of the verdict.
-- *Verdict*: the plan's decision tree (experiment-plan.md), per preset, over the rows: the branch
+- *Verdict*: the plan's decision tree (README, "Research workflow"), per preset, over the rows: the branch
   taken, why, and the phase to run next; a success whose context reliance is near zero is flagged.
 
 Success levels (the plan's "what success looks like", on eval/train/exact_accuracy): *minimal
@@ -115,8 +115,13 @@ def load(run_dir: Path) -> dict:
     """A run's config keys, summary and status. Raises InputError naming a damaged file."""
     cfg = _read(run_dir / "config.yaml", "yaml") if (run_dir / "config.yaml").is_file() else {}
     summary = _read(run_dir / "summary.json", "json") if (run_dir / "summary.json").is_file() else {}
+    return make_run(run_dir.name, run_dir, cfg, summary)
+
+
+def make_run(name: str, path: Path | None, cfg: dict, summary: dict) -> dict:
+    """What the report knows of a run: its summary, a few config keys, adaptation and status."""
     adapt = (cfg.get("eval") or {}).get("adapt") or {}
-    run = {"name": run_dir.name, "path": run_dir, "experiment": cfg.get("experiment") or "-",
+    run = {"name": name, "path": path, "experiment": cfg.get("experiment") or "-",
            "preset": cfg.get("preset") or "-", "seed": cfg.get("seed"), **summary}  # fmt: skip
     if "time/train_seconds" in summary:
         run["time/train_minutes"] = summary["time/train_seconds"] / 60
@@ -151,19 +156,9 @@ def from_wandb(project: str) -> list[dict]:
     """The runs of a wandb project (``entity/project``), as :func:`load` gives them (online)."""
     import wandb
 
-    runs = []
-    for r in wandb.Api().runs(project):
-        cfg, summary = dict(r.config), {k: v for k, v in r.summary.items() if isinstance(v, (int, float, str))}
-        adapt = (cfg.get("eval") or {}).get("adapt") or {}
-        run = {"name": r.name, "path": None, "experiment": cfg.get("experiment") or "-",
-               "preset": cfg.get("preset") or "-", "seed": cfg.get("seed"), **summary}  # fmt: skip
-        if "time/train_seconds" in summary:
-            run["time/train_minutes"] = summary["time/train_seconds"] / 60
-        if adapt.get("target", "none") != "none":
-            run["adaptation"] = describe(adapt)
-        run["status"] = status(run, cfg)
-        runs.append(run)
-    return runs
+    return [make_run(r.name, None, dict(r.config),
+                     {k: v for k, v in r.summary.items() if isinstance(v, (int, float, str))})
+            for r in wandb.Api().runs(project)]  # fmt: skip
 
 
 # Rows and verdict ------------------------------------------------------------------------------------
