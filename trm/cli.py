@@ -11,12 +11,14 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pydantic import BaseModel
 
 from trm.config import ConfigError, TrainConfig, validate
 from trm.errors import InputError, Interrupted
+from trm.rundir import flatten
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "config")
 GROUPS_SELECTED_BY_NAME = ("experiment", "preset")  # listed in the defaults, chosen with `name=value`
@@ -82,7 +84,10 @@ def run(config_name: str, schema: type[TrainConfig]) -> None:
     if "--debug" in sys.argv[1:]:
         os.environ["TRM_DEBUG"] = "1"
     if "--help" in args or "-h" in args:
-        print(help_text(config_name, schema, [a for a in args if "=" in a]))
+        try:
+            print(help_text(config_name, schema, [a for a in args if "=" in a]))
+        except InputError as e:
+            _fail(f"error: {e}", 1)
         return
     sys.argv = [sys.argv[0]] + [a if a != "--hydra-help" else "--help" for a in args]
     swept = swept_keys(args)
@@ -172,8 +177,11 @@ def help_text(config_name: str, schema: type[TrainConfig], overrides: list[str])
              "       torchrun --nproc-per-node 4 " + script + " experiment=NAME +run_name=NAME", ""]  # fmt: skip
     lines += [f"{name}=...: {', '.join(options)}" for name, options in groups.items()]
     lines += ["", "Keys (value with the overrides given; KEY=VALUE changes one; --hydra-help: Hydra's own help):"]
-    _, raw = compose(config_name, overrides, schema)
-    values = _flat(raw)
+    try:
+        _, raw = compose(config_name, overrides, schema)
+    except HydraException as e:  # an unknown experiment or preset: Hydra's message, on one line
+        raise InputError(" ".join(line.strip() for line in str(e).split("Config search path")[0].splitlines() if line.strip()))
+    values = flatten(raw)
     rows = [(key, values.get(key, "-"), description) for key, description in schema_keys(schema)]
     width = min(44, max(len(f"{k} = {v}") for k, v, _ in rows))
     lines += [f"  {f'{k} = {v}':<{width}}  # {d}" for k, v, d in rows]
@@ -192,15 +200,6 @@ def schema_keys(schema, prefix: str = "") -> list[tuple[str, str]]:
     return out
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
 
 def compose(config_name: str, overrides: list[str], schema: type[TrainConfig] = TrainConfig) -> tuple[TrainConfig, dict]:
     """Compose and validate a config as the command line would, without running (tests, tools)."""
@@ -215,3 +214,4 @@ def compose(config_name: str, overrides: list[str], schema: type[TrainConfig] = 
         with open_dict(cfg):
             del cfg["hydra"]
     return resolve(cfg, schema, choices)
+
