@@ -24,6 +24,23 @@ class DistEnv:
         return self.rank == 0
 
 
+def from_scheduler() -> None:
+    """Inside a submitit job of several tasks (``hydra/launcher=slurm_4gpu``: one task per GPU),
+    set torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT) from the job's environment, so that everything after sees what torchrun gives.
+    Nothing happens under torchrun, in a plain process, or without submitit installed."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    try:
+        import submitit
+
+        job = submitit.JobEnvironment()
+    except (ImportError, RuntimeError):
+        return
+    if job.num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def setup(device: str = "auto") -> DistEnv:
     """Read torchrun's environment, pick the device and join the process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -29,7 +29,7 @@ from trm.config import RunPlan, TrainConfig, early_stop_reason, plan_run
 from trm.data.build import ensure_dataset, wait_for_dataset
 from trm.data.dataset import ArcSplit, EpochSampler
 from trm.data.pipeline import TrainFeed
-from trm.distributed import DistEnv, all_reduce_max, all_reduce_sum_, on_main, setup, teardown
+from trm.distributed import DistEnv, all_reduce_max, all_reduce_sum_, from_scheduler, on_main, setup, teardown
 from trm.ema import EMA
 from trm.errors import Interrupted
 from trm.evaluate import evaluate_model
@@ -292,6 +292,7 @@ def train(cfg: TrainConfig, raw_config: dict) -> dict[str, float]:
     """Run one training job; returns the summary (also written to ``<run_dir>/summary.json``)."""
     # The dataset is built before the process group exists: a first build of the full data can
     # outlast a collective's timeout. Other ranks wait for rank 0's folder to appear.
+    from_scheduler()  # a Slurm job's tasks become torchrun-style ranks
     data_dir = cfg.data.resolved_path()
     if int(os.environ.get("RANK", "0")) == 0:
         ensure_dataset(cfg.data.build_options(), data_dir)
