@@ -29,6 +29,7 @@ tensors carry a leading T (tasks), A (copies) or E (the task's evaluated example
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -182,7 +183,9 @@ def _per_task(fn, model, weights: dict[str, torch.Tensor], *args: torch.Tensor):
     bound = _Bound(model)
     params = {f"model.{name}": w for name, w in weights.items()}
     call = lambda p, *a: functional_call(bound, p, (fn, *a), strict=False)  # noqa: E731
-    return vmap(call, in_dims=(0,) * (1 + len(args)), randomness="same")(params, *args)
+    with warnings.catch_warnings():  # attention without a batching rule on some devices: looped, correct
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
+        return vmap(call, in_dims=(0,) * (1 + len(args)), randomness="same")(params, *args)
 
 
 def _leave_one_out_objective(model, inputs, labels, mask, act_steps: int) -> torch.Tensor:

@@ -250,13 +250,14 @@ def decide(rows: list[dict]) -> list[str]:
                       + caveat("E1v2")]  # fmt: skip
     out.append(say("E_diag1"))
     if "E_diag1" not in acc:
-        return out + ["-> RUN E_diag1: E1v2 fails; the frozen-encoder diagnostic tells the interface from the encoder."]
+        return out + ["-> RUN E_diag1: E1v2 does not match E0v2; the frozen-encoder diagnostic tells the interface "
+                      "from the encoder."]  # fmt: skip
     if not succeeds("E_diag1"):
         return out + [f"-> FIX THE ENCODER-TRM INTERFACE: even a frozen encoder's output gives {acc['E_diag1']:.1%} vs "
                       f"E0v2's {acc['E0v2']:.1%}: the TRM cannot use the encoder's context (compare "
                       "encoder/output_norm with E0v2's puzzle-embedding context)."]  # fmt: skip
-    why = (f"E1v2 fails ({acc.get('E1v2', 0):.1%}) while a frozen encoder works ({acc['E_diag1']:.1%}): the interface "
-           "is sound and encoder training is the problem")  # fmt: skip
+    why = (f"E1v2 does not match E0v2 ({acc.get('E1v2', 0):.1%} vs {acc['E0v2']:.1%}) while a frozen encoder does "
+           f"({acc['E_diag1']:.1%}): the interface is sound and encoder training is the problem")  # fmt: skip
     done3 = [e for e in PHASE3 if e in acc]
     out += [say(e) for e in done3]
     if any(succeeds(e) for e in done3):
