@@ -259,7 +259,8 @@ def test_finetuning_adapts_only_its_target_per_task_and_writes_no_weight(split):
         alone, _, after_alone = finetune(model, {k: v[1:] for k, v in fit.items()}, cfg, contextlib.nullcontext)
         torch.testing.assert_close(after_alone[0], after[1])
         for n in weights:
-            torch.testing.assert_close(alone[n][0], weights[n][1], rtol=1e-5, atol=1e-6)
+            # Float rounding of batched products differs with the batch; a shared update would differ by ~lr.
+            torch.testing.assert_close(alone[n][0], weights[n][1], rtol=1e-3, atol=1e-4)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
 
