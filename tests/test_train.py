@@ -189,7 +189,8 @@ def test_a_directory_holding_another_run_is_not_overwritten(tiny_dataset, tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.parametrize("entry", ["pretrain.py", "pretrain_encoder.py"])
-def test_torchrun_two_ranks_matches_one_rank(tiny_dataset, tmp_path, entry):
+@pytest.mark.parametrize("reducer", ["all-reduce", "ddp"])
+def test_torchrun_two_ranks_matches_one_rank(tiny_dataset, tmp_path, entry, reducer):
     """Data parallel on CPU (gloo): with exploration off, two ranks splitting the global batch
     train as one rank: the same loss at every step, and the same weights, optimiser state and EMA
     at the end (puzzle-embedding rows of equal ids summed across ranks before their sign-SGD
@@ -203,7 +204,8 @@ def test_torchrun_two_ranks_matches_one_rank(tiny_dataset, tmp_path, entry):
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     for n, name in ((1, "one"), (2, "two")):
         args = [a if not a.startswith("run_dir=") else f"run_dir={tmp_path / name}" for a in common]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), entry, *args]
+        ddp = [f"ddp={reducer == 'ddp'}"] if n > 1 else []
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), entry, *args, *ddp]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = final_state(tmp_path / "one"), final_state(tmp_path / "two")

@@ -182,6 +182,9 @@ class TrainConfig(Strict):
     compile: Literal["auto"] | bool = Field(
         "auto", description="torch.compile the recursive core and the demonstration encoder (auto: on CUDA)")
     tf32: bool = Field(True, description="TF32 matrix products on CUDA where float32 remains (outside bf16 autocast)")
+    ddp: bool = Field(
+        False, description="with several ranks, reduce dense gradients with DistributedDataParallel (bucketed, "
+        "overlapped with the backward pass) instead of one all-reduce after it")
 
 
 def early_stop_reason(rules: list[EarlyStopRule], metrics: dict[str, float], step: int, total_steps: int) -> str | None:

@@ -32,7 +32,7 @@ from trm.errors import InputError
 
 # Keys that may change when a run is resumed: where it logs and how often it evaluates or saves,
 # not what it trains. max_steps only moves where this invocation stops (the schedule keeps its length).
-RESUMABLE_KEYS = ("run_name", "run_dir", "resume", "extend", "device", "compile", "tf32", "max_steps", "log_interval",
+RESUMABLE_KEYS = ("run_name", "run_dir", "resume", "extend", "device", "compile", "tf32", "ddp", "max_steps", "log_interval",
                   "eval_interval", "checkpoint_interval", "keep_checkpoints", "eval", "wandb")  # fmt: skip
 EXTEND_KEYS = ("epochs",)  # also with extend=true: a longer schedule
 # What a run failing before step 1 may leave, and the queue runner's log (scripts/run_jobs.py).

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from trm import checkpoint, rundir
@@ -128,16 +130,23 @@ def total_loss(out, carry: Carry) -> tuple[torch.Tensor, dict[str, torch.Tensor]
     return loss, sums
 
 
+def _sum_over_ranks(state, bucket):
+    """DDP communication hook: a bucket's gradients summed over ranks (DDP's own hook averages; the
+    loss is already divided by the global batch, as for the sparse puzzle-embedding rows)."""
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
 def train_step(model, carry: Carry, batch, opt: Optimisers, cfg: TrainConfig, step: int, plan: RunPlan, autocast,
-               feed: TrainFeed | None = None):  # fmt: skip
+               feed: TrainFeed | None = None, ddp: DistributedDataParallel | None = None):  # fmt: skip
     """One supervision step for every slot. Returns the new carry, the step's metrics as
     (sum, count) pairs over the local batch, the learning rates, and ``ok`` (0-dim bool): False when
     the global gradient was not finite, the update then skipped (weights and optimiser state
     unchanged, every slot restarts its example from the initial state; :class:`MetricWindow` leaves
     the step's metrics out). ``feed`` is shown the slots right after the forward pass
-    (:meth:`TrainFeed.watch`). No host-device synchronisation."""
+    (:meth:`TrainFeed.watch`). With ``ddp`` (the model wrapped), its backward pass reduces the dense
+    gradients; else one all-reduce follows it. No host-device synchronisation."""
     with autocast():
-        carry, out = model(carry, batch)
+        carry, out = (ddp or model)(carry, batch)
         if feed is not None:
             feed.watch(carry.halted, carry.data.get("demo_rows"))
         loss, sums = total_loss(out, carry)
@@ -146,7 +155,8 @@ def train_step(model, carry: Carry, batch, opt: Optimisers, cfg: TrainConfig, st
     # Gradients: summed over ranks first, so norms and clipping see the global gradient.
     core_grads = [p.grad for p in opt.core_params if p.grad is not None]
     cond_grads = [p.grad for p in opt.cond_params if p.grad is not None]
-    all_reduce_sum_(core_grads + cond_grads)
+    if ddp is None:
+        all_reduce_sum_(core_grads + cond_grads)
     sparse_grad = opt.sparse.gathered_grad() if opt.sparse is not None else None
     device = carry.steps.device
     trm_norm = _norm(core_grads, device)
@@ -343,6 +353,14 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
     run_dir = on_main(lambda: rundir.open_run(run, raw_config, step, reevaluate=step >= plan.last_step))
 
     autocast = fast_path(cfg, model, env.device)
+    # The model itself evaluates and is saved; the wrapper only runs the training forward pass. The
+    # puzzle embedding (a buffer, updated sparsely) is not broadcast. Not static_graph: the core
+    # uses its weights several times per step, and DDP's static-graph mode then reduces a
+    # gradient before all of it has accumulated (2-3x too small, seen in the two-rank test).
+    ddp = None
+    if cfg.ddp and env.world_size > 1:
+        ddp = DistributedDataParallel(model, broadcast_buffers=False)
+        ddp.register_comm_hook(None, _sum_over_ranks)
     logger = RunLogger(run_dir, run_dir.name, raw_config, cfg.wandb, enabled=env.is_main)
     n_params = sum(p.numel() for p in model.parameters())
     if env.is_main:
@@ -391,7 +409,7 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
                 carry = None  # resumed with a carry saved with other demonstrations: the slots restart
             carry = carry or model.initial_carry(batch)
             step += 1
-            carry, metrics, lrs, ok = train_step(model, carry, batch, opt, cfg, step, plan, autocast, feed)
+            carry, metrics, lrs, ok = train_step(model, carry, batch, opt, cfg, step, plan, autocast, feed, ddp)
             if ema is not None:
                 ema.update(ok)
             window.add(metrics, ok)
