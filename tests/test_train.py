@@ -188,7 +188,7 @@ def test_a_directory_holding_another_run_is_not_overwritten(tiny_dataset, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("entry", ["pretrain.py", "pretrain_encoder.py"])
+@pytest.mark.parametrize("entry", ["pretrain.py", "pretrain_encoder.py", "frozen encoder"])
 @pytest.mark.parametrize("reducer", ["all-reduce", "ddp"])
 def test_torchrun_two_ranks_matches_one_rank(tiny_dataset, tmp_path, entry, reducer):
     """Data parallel on CPU (gloo): with exploration off, two ranks splitting the global batch
@@ -199,8 +199,10 @@ def test_torchrun_two_ranks_matches_one_rank(tiny_dataset, tmp_path, entry, redu
     each rank's half before the reduction would show."""
     common = tiny_overrides(tiny_dataset, "X", "arch.halt_exploration_prob=0", "max_steps=6", "grad_clip_norm=0.01",
                             "lr=1e-3", "log_interval=1")  # fmt: skip
-    if entry == "pretrain_encoder.py":
-        common = [o.replace("experiment=E0v2", "experiment=E1v2") for o in common] + ["data.split=trm"]
+    if entry != "pretrain.py":  # E_diag1: weights without gradient, which DDP must leave alone
+        experiment = "E1v2" if entry == "pretrain_encoder.py" else "E_diag1"
+        common = [o.replace("experiment=E0v2", f"experiment={experiment}") for o in common] + ["data.split=trm"]
+        entry = "pretrain_encoder.py"
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     for n, name in ((1, "one"), (2, "two")):
         args = [a if not a.startswith("run_dir=") else f"run_dir={tmp_path / name}" for a in common]
