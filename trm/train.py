@@ -146,7 +146,7 @@ def train_step(model, carry: Carry, batch, opt: Optimisers, cfg: TrainConfig, st
     (:meth:`TrainFeed.watch`). With ``ddp`` (the model wrapped), its backward pass reduces the dense
     gradients; else one all-reduce follows it. No host-device synchronisation."""
     with autocast():
-        carry, out = (ddp or model)(carry, batch)
+        carry, out = (model if ddp is None else ddp)(carry, batch)
         if feed is not None:
             feed.watch(carry.halted, carry.data.get("demo_rows"))
         loss, sums = total_loss(out, carry)
