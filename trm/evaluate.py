@@ -10,7 +10,9 @@ Votes live for one call.
 
 Conditioning reliance (:func:`evaluate_split` with ``reliance``): the same examples again with
 another task's context and with the empty task's. With ``eval.adapt`` enabled, every pass first
-refines each example's context on its demonstrations (:mod:`trm.adapt`). :func:`evaluate_model`
+adapts to the demonstrations (:mod:`trm.adapt`): each example's context is refined, or, for the
+weight targets, the examples go by task (whole tasks per rank), each task predicted with its own
+fine-tuned weights. :func:`evaluate_model`
 runs a whole evaluation: the training examples, and each evaluation source of the test split on its
 own; :func:`predict_examples` gives the vote records alone (``python -m trm.predict``).
 """
