@@ -387,3 +387,34 @@ def test_ctrl_c_saves_and_says_where_in_one_line(tiny_dataset, tmp_path):
     step = final_state(tmp_path / "r")["step"]
     assert last.startswith(f"stopped by SIGINT at step {step}; checkpoint {tmp_path / 'r' / 'checkpoints'}")
     assert not (tmp_path / "r" / "summary.json").exists()
+
+
+def test_a_schedulers_signal_saves_first_then_reaches_its_own_handler(tiny_dataset, tmp_path, monkeypatch):
+    """submitit asks a Slurm job to requeue with SIGUSR2 through a handler of its own: the run saves
+    a checkpoint at the next step, then hands the signal to that handler (which would requeue the
+    job); the requeued command resumes from the checkpoint."""
+    extra = ("lr=1e-3", "log_interval=1", "checkpoint_interval=1000")
+    seen = []
+
+    def requeue(signum, frame):  # stands for submitit's handler
+        seen.append((signum, final_state(tmp_path / "r")["step"]))
+
+    previous = signal.signal(signal.SIGUSR2, requeue)
+    healthy = train_module.train_step
+
+    def warned(model, carry, batch, opt, cfg, step, *rest):
+        out = healthy(model, carry, batch, opt, cfg, step, *rest)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return out
+
+    try:
+        monkeypatch.setattr(train_module, "train_step", warned)
+        with pytest.raises(Interrupted, match="stopped by SIGUSR2 at step 4"):
+            run(tiny_dataset, tmp_path / "r", *extra)
+        assert seen == [(signal.SIGUSR2, 4)]  # called once, with the step-4 checkpoint already written
+        assert signal.getsignal(signal.SIGUSR2) is requeue  # restored
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    monkeypatch.setattr(train_module, "train_step", healthy)
+    assert run(tiny_dataset, tmp_path / "r", *extra)["step"] == final_state(tmp_path / "r")["step"] > 4

@@ -262,9 +262,12 @@ def fast_path(cfg: TrainConfig, model: TinyRecursiveModel, device: torch.device)
 
 
 class StopRequest:
-    """SIGINT and SIGTERM (Ctrl-C, Slurm preemption) ask the loop to stop between two steps; it then
-    saves a checkpoint and exits. A second signal interrupts a single process at once (the last
-    checkpoint stays)."""
+    """SIGINT, SIGTERM and SIGUSR2 (Ctrl-C, Slurm preemption, submitit's time-limit warning) ask the
+    loop to stop between two steps; it then saves a checkpoint and exits, after handing the signal
+    to the handler it had before, where that is a Python function (submitit's, which requeues the
+    job). A second signal interrupts a single process at once (the last checkpoint stays)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
     def __init__(self, world_size: int):
         self.signum: int | None = None
@@ -280,13 +283,22 @@ class StopRequest:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
+            for s in self.SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+        self._previous = {}
+
+    def hand_over(self) -> None:
+        """Once the stop is saved: the signal's previous handler, where it had one of its own (not
+        Python's Ctrl-C default), gets it now, e.g. submitit's requeue of a Slurm job."""
+        previous = self._previous.get(self.signum)
+        if callable(previous) and previous is not signal.default_int_handler:
+            self.__exit__()
+            previous(self.signum, None)
 
     def agreed(self, env: DistEnv, step: int, every: int) -> bool:
         """Whether to stop now. One process checks at every step; ranks agree at logging steps (one
@@ -444,6 +456,7 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
                 folder = save() if saved_at != step else run_dir / "checkpoints" / f"step_{step:08d}"
                 bar.close()
                 logger.close()
+                stop.hand_over()
                 raise Interrupted(stop.signum, f"stopped by {signal.Signals(stop.signum).name} at step {step}; "
                                   f"checkpoint {folder}: the same command resumes the run")  # fmt: skip
     bar.close()
