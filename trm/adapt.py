@@ -78,34 +78,50 @@ def _optimiser(cfg: AdaptConfig, tensors: list[torch.Tensor]) -> torch.optim.Opt
     return (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)(tensors, lr=cfg.lr)
 
 
+def descend(start: dict[str, torch.Tensor], objective_of, cfg: AdaptConfig, autocast,
+            grad_mask: dict[str, torch.Tensor] | None = None):  # fmt: skip
+    """``cfg.steps`` optimiser steps on ``objective_of(tensors)`` -> (N,), one objective per row of
+    the tensors ``start`` (name -> (N, ...): a context per example, or a weight copy per task; they
+    are updated in place, so the caller hands over its own copies). Each row keeps the values of
+    its lowest objective along the way, so it never ends worse than it started. ``grad_mask``
+    (name -> broadcastable 0/1) keeps parts of a tensor still. Returns (the kept tensors, the
+    objectives before, after). Gradients are taken for these tensors alone: no weight of a model
+    used by the objective gets a .grad."""
+    tensors = {name: t.detach().requires_grad_(True) for name, t in start.items()}
+    optimiser = _optimiser(cfg, list(tensors.values()))
+    best, best_objective = {name: t.detach().clone() for name, t in tensors.items()}, None
+    with torch.enable_grad():
+        for step in range(cfg.steps + 1):
+            with autocast():
+                objective = objective_of(tensors)
+            if best_objective is None:
+                before = best_objective = objective.detach()
+            better = objective.detach() < best_objective
+            for name, t in tensors.items():
+                best[name] = torch.where(better.view(-1, *[1] * (t.ndim - 1)), t.detach(), best[name])
+            best_objective = torch.where(better, objective.detach(), best_objective)
+            if step == cfg.steps:
+                break
+            # A tensor the objective does not use (e.g. a pooling the encoder does not call) gets 0.
+            grads = torch.autograd.grad(objective.sum(), list(tensors.values()), materialize_grads=True)
+            for (name, t), g in zip(tensors.items(), grads):
+                t.grad = g * grad_mask[name] if grad_mask and name in grad_mask else g
+            optimiser.step()
+    return best, before, best_objective
+
+
 def adapt_context(model, conditioning: Conditioning, demos: dict[str, torch.Tensor], cfg: AdaptConfig,
                   autocast) -> tuple[Conditioning, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The context refined by ``cfg.steps`` optimiser steps on :func:`demonstration_objective`, the
-    best seen kept per example. Returns the new conditioning and the objectives (B,) before and
-    after. No weight of the model changes (gradients are taken for the context alone)."""
-    start = conditioning.context.detach().float()
+    """The context refined by :func:`descend` on :func:`demonstration_objective`. Returns the new
+    conditioning and the objectives (B,) before and after. No weight of the model changes."""
+    start = conditioning.context.detach().float().clone()
     act_steps = cfg.act_steps or model.arch.halt_max_steps
     movable = torch.ones_like(start[0, :, :1])  # (P, 1): the positions the conditioner fills
     if model.conditioner.context_positions is not None:
         movable[model.conditioner.context_positions :] = 0
-    context = start.clone().requires_grad_(True)
-    optimiser = _optimiser(cfg, [context])
-    best, best_objective = start.clone(), None
-    with torch.enable_grad():
-        for step in range(cfg.steps + 1):
-            with autocast():
-                objective = demonstration_objective(model, context, demos, act_steps)
-            if best_objective is None:
-                before = best_objective = objective.detach()
-            better = objective.detach() < best_objective
-            best = torch.where(better[:, None, None], context.detach(), best)
-            best_objective = torch.where(better, objective.detach(), best_objective)
-            if step == cfg.steps:
-                break
-            (grad,) = torch.autograd.grad(objective.sum(), [context])
-            context.grad = grad * movable
-            optimiser.step()
-    return replace(conditioning, context=best.to(conditioning.context.dtype)), before, best_objective
+    best, before, after = descend({"context": start}, lambda t: demonstration_objective(model, t["context"], demos, act_steps),
+                                  cfg, autocast, {"context": movable})  # fmt: skip
+    return replace(conditioning, context=best["context"].to(conditioning.context.dtype)), before, after
 
 
 # Fine-tuning of weights per task (target=encoder / all) -------------------------------------------
@@ -218,30 +234,12 @@ def finetune(model, fit: dict[str, torch.Tensor], cfg: AdaptConfig, autocast):
     (name -> (T, ...)) and the objectives (T,) before and after."""
     T = fit["fit_inputs"].shape[0]
     prefix = "conditioner." if cfg.target == "encoder" else ""
-    weights = {name: p.detach()[None].repeat(T, *[1] * p.ndim).requires_grad_(True)
+    weights = {name: p.detach()[None].repeat(T, *[1] * p.ndim)
                for name, p in model.named_parameters() if name.startswith(prefix)}  # fmt: skip
-    optimiser = _optimiser(cfg, list(weights.values()))
     act_steps = cfg.act_steps or model.arch.halt_max_steps
-    objective_of = lambda m, *a: _leave_one_out_objective(m, *a, act_steps)  # noqa: E731
-    best, best_objective = {n: w.detach().clone() for n, w in weights.items()}, None
-    with torch.enable_grad():
-        for step in range(cfg.steps + 1):
-            with autocast():
-                objective = _per_task(objective_of, model, weights, fit["fit_inputs"], fit["fit_labels"], fit["fit_mask"])
-            if best_objective is None:
-                before = best_objective = objective.detach()
-            better = objective.detach() < best_objective
-            for name, w in weights.items():
-                best[name] = torch.where(better.view(T, *[1] * (w.ndim - 1)), w.detach(), best[name])
-            best_objective = torch.where(better, objective.detach(), best_objective)
-            if step == cfg.steps:
-                break
-            # Unused weights (e.g. a pooling the encoder does not call) get a zero gradient.
-            grads = torch.autograd.grad(objective.sum(), list(weights.values()), materialize_grads=True)
-            for w, g in zip(weights.values(), grads):
-                w.grad = g
-            optimiser.step()
-    return best, before, best_objective
+    loo = lambda m, *a: _leave_one_out_objective(m, *a, act_steps)  # noqa: E731
+    objective_of = lambda w: _per_task(loo, model, w, fit["fit_inputs"], fit["fit_labels"], fit["fit_mask"])  # noqa: E731
+    return descend(weights, objective_of, cfg, autocast)
 
 
 @torch.no_grad()

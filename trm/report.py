@@ -446,10 +446,8 @@ def predicted_tasks(run_dir: Path, count: int) -> list[dict]:
     size, out = split.grid_size, []
     for i in idx:
         task, pair = int(split.example_task(np.asarray([i]))[0]), int(split.example_pair[i])
-        rows = split.demo_rows(np.asarray([i]))[0]
-        canv = split.canvases(split.demo_rows(np.asarray([i])))
-        demos_ = [(decode_grid(canv["demo_inputs"][0, d].numpy(), size), decode_grid(canv["demo_labels"][0, d].numpy(), size))
-                  for d in np.flatnonzero(rows >= 0)]  # fmt: skip
+        pool_rows = [r for r in split.demo_rows(np.asarray([i]))[0] if r >= 0]
+        demos_ = [(decode_grid(split.demo_inputs[r], size), decode_grid(split.demo_labels[r], size)) for r in pool_rows]
         attempts = [np.frombuffer(g[2:], np.uint8).reshape(g[0], g[1]) for g in ranked.get((task, pair), [])[:2]]
         out.append({"name": split.tasks[task].split(":")[-1][:24], "demos": demos_, "input": decode_grid(split.inputs[i], size),
                     "truth": decode_grid(split.labels[i], size), "attempts": attempts})  # fmt: skip
@@ -473,8 +471,9 @@ def report(runs: list[dict], include_partial: bool = False) -> tuple[str, list[d
         parts += [""]
     parts += ["## Runs", "", run_list(runs), ""]
     if left_out:
-        parts += [f"Left out of the rows and the verdict ({'unfinished' if not include_partial else 'no summary'}; "
-                  "--include-partial counts partial runs): " + ", ".join(f"{r['name']} ({r['status']})" for r in left_out), ""]  # fmt: skip
+        hint = "; --include-partial counts the partial ones" if any(r["status"] == "partial" for r in left_out) else ""
+        parts += ["Left out of the rows and the verdict" + hint + ": "
+                  + ", ".join(f"{r['name']} ({r['status']})" for r in left_out), ""]  # fmt: skip
     return "\n".join(parts), rows
 
 
