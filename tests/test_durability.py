@@ -418,3 +418,73 @@ def test_a_schedulers_signal_saves_first_then_reaches_its_own_handler(tiny_datas
         signal.signal(signal.SIGUSR2, previous)
     monkeypatch.setattr(train_module, "train_step", healthy)
     assert run(tiny_dataset, tmp_path / "r", *extra)["step"] == final_state(tmp_path / "r")["step"] > 4
+
+
+def test_a_second_command_on_a_running_run_directory_is_refused(tiny_dataset, tmp_path, monkeypatch):
+    """While a run trains, its directory's lock is held: another command on it (here a second
+    holder of the lock, as another host's process would be) is refused naming the holder; the run
+    itself is untouched and the lock is free once it ends."""
+    from trm.filelock import LockHeld, exclusive
+
+    lock, refusals = tmp_path / ".r.lock", []
+    healthy = train_module.train_step
+
+    def step_and_knock(*args, **kwargs):
+        try:
+            with exclusive(lock, "run directory r", wait=False):
+                pass
+        except LockHeld as e:
+            refusals.append(str(e))
+        return healthy(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", step_and_knock)
+    run(tiny_dataset, tmp_path / "r", "max_steps=2")
+    assert len(refusals) == 2 and f"pid {os.getpid()}" in refusals[0] and socket.gethostname() in refusals[0]
+    with exclusive(lock, "run directory r", wait=False):  # free again
+        pass
+
+
+def test_a_run_directory_in_use_elsewhere_is_refused_and_left_alone(tiny_dataset, tmp_path):
+    from trm.filelock import LockHeld
+
+    run(tiny_dataset, tmp_path / "r", "max_steps=2")
+    before = folder_hash(tmp_path / "r")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / ".r.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockHeld, match=rf"run directory {tmp_path / 'r'} is in use by host .* pid {holder.pid} since"):
+            run(tiny_dataset, tmp_path / "r")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert folder_hash(tmp_path / "r") == before
+    resumed = run(tiny_dataset, tmp_path / "r")  # the holder gone (killed), the run resumes
+    assert resumed["step"] == resumed["total_steps"] > 2
+
+
+HOLD_LOCK = """
+import sys, time
+from trm.filelock import exclusive
+with exclusive(sys.argv[1], "x", wait=False):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_two_builds_of_one_dataset_wait_for_each_other(tiny_dataset, tmp_path):
+    """Two processes asked for a missing dataset while a third builds it (holds the lock): both
+    wait, then one builds and the other uses its folder; nothing is built twice."""
+    from trm.filelock import exclusive
+
+    out = tmp_path / "data" / "set"
+    code = ("import sys; from trm.data.build import BuildOptions, ensure_dataset; "
+            f"ensure_dataset(BuildOptions(**{tiny_dataset[1].model_dump()!r}), sys.argv[1])")  # fmt: skip
+    with exclusive(tmp_path / "data" / ".set.lock", "the build", wait=False):
+        builders = [subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        for b in builders:
+            assert b.stdout.readline().startswith(f"waiting for host {socket.gethostname()} pid {os.getpid()}")
+        assert not out.exists()
+    logs = [b.communicate(timeout=120)[0] for b in builders]
+    assert [b.returncode for b in builders] == [0, 0]
+    assert sum(log.count(f"built {out}") for log in logs) == 1, logs
+    assert ArcSplit(out, "train").num_examples == ArcSplit(tiny_dataset[0], "train").num_examples

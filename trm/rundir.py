@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import yaml
 
 from trm import checkpoint
 from trm.errors import InputError
+from trm.filelock import exclusive
 
 # Keys that may change when a run is resumed: where it logs and how often it evaluates or saves,
 # not what it trains. max_steps only moves where this invocation stops (the schedule keeps its length).
@@ -50,6 +52,17 @@ class RunDir:
     auto_name: bool  # the name was generated: claim a fresh one if it is taken
     checkpoint_step: int = 0
     longer: bool = False  # extend=true with a longer schedule: the new config becomes the stored one
+
+
+def in_use_lock(cfg):
+    """A lock beside a named run directory (``.<name>.lock``), held by rank 0 for the command's
+    life: a second command on the same directory, here or on another host sharing it, is refused
+    in one line while the first runs (two runs writing one folder would mix their checkpoints and
+    metrics). A generated name is claimed fresh (:func:`open_run`) and needs none."""
+    if cfg.run_dir is None and cfg.run_name is None:
+        return contextlib.nullcontext()
+    path = Path(cfg.run_dir or Path("runs") / cfg.run_name)
+    return exclusive(path.parent / f".{path.name}.lock", f"run directory {path}", wait=False)
 
 
 def default_run_name(raw: dict) -> str:

@@ -322,7 +322,9 @@ def train(cfg: TrainConfig, raw_config: dict) -> dict[str, float]:
         wait_for_dataset(data_dir)
     env = setup(cfg.device)
     try:
-        return _train(cfg, raw_config, env, data_dir)
+        with contextlib.ExitStack() as held:
+            on_main(lambda: held.enter_context(rundir.in_use_lock(cfg)))
+            return _train(cfg, raw_config, env, data_dir)
     finally:
         teardown()
 

@@ -57,6 +57,7 @@ from trm.data.grids import (
 )
 from trm.data.families import GENERATOR_VERSION, SOURCE_PREFIX, FamilyOptions, generate
 from trm.data.tasks import ArcDataError, ArcTask, Pair, load_source
+from trm.filelock import exclusive
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
@@ -359,21 +360,24 @@ def remove_stale_builds(out_dir: Path) -> None:
 
 
 def ensure_dataset(options: BuildOptions, path: str | Path, log=print) -> Path:
-    """Return ``path``, building the dataset there first if it does not exist. An existing folder
-    must have been built from the same options."""
+    """Return ``path``, building the dataset there first if it does not exist (under a lock beside
+    it: a second process, here or on another host, waits for the first one's build). An existing
+    folder must have been built from the same options."""
     path = Path(path)
     info_file = path / "build.json"
     if not path.exists():
-        build_dataset(options, path, log)
-    elif not info_file.is_file():
+        # One build at a time, on any host sharing the folder: the others wait and then use it.
+        with exclusive(path.parent / f".{path.name}.lock", f"the build of {path}", wait=True, log=log):
+            if not path.exists():
+                build_dataset(options, path, log)
+    if not info_file.is_file():
         raise ArcDataError(f"{path} exists but holds no build.json: not a dataset folder")
-    else:
-        stored = json.loads(info_file.read_text())
-        if stored.get("format_version") != FORMAT_VERSION:
-            raise ArcDataError(f"{path} was built by another format version; delete it to rebuild")
-        if stored["options"] != options.identity():
-            diff = {k: (v, options.identity().get(k)) for k, v in stored["options"].items() if options.identity().get(k) != v}
-            raise ArcDataError(f"{path} was built with other options (stored, requested): {diff}")
+    stored = json.loads(info_file.read_text())
+    if stored.get("format_version") != FORMAT_VERSION:
+        raise ArcDataError(f"{path} was built by another format version; delete it to rebuild")
+    if stored["options"] != options.identity():
+        diff = {k: (v, options.identity().get(k)) for k, v in stored["options"].items() if options.identity().get(k) != v}
+        raise ArcDataError(f"{path} was built with other options (stored, requested): {diff}")
     return path
 
 
