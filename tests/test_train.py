@@ -187,16 +187,15 @@ def test_a_directory_holding_another_run_is_not_overwritten(tiny_dataset, tmp_pa
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == "{}\n"
 
 
-def one_and_two_ranks(tiny_dataset, tmp_path, entry, two_rank_extra=(), *extra):
-    """The same 6-step run under torchrun with one rank and with two (CPU, gloo, one thread each),
+def one_and_two_ranks(tiny_dataset, tmp_path, experiment, two_rank_extra=(), *extra):
+    """The same 6-step run of ``experiment`` (E0v2 through pretrain.py, the others through
+    pretrain_encoder.py) under torchrun with one rank and with two (CPU, gloo, one thread each),
     exploration off and a gradient clip that binds at every step (the norm is far above 0.01, so
-    clipping each rank's half before the reduction would show). ``entry``: pretrain.py,
-    pretrain_encoder.py (E1v2) or "frozen encoder" (E_diag1: weights without gradient, which DDP
-    must leave alone). Returns the two run folders."""
+    clipping each rank's half before the reduction would show). Returns the two run folders."""
     common = tiny_overrides(tiny_dataset, "X", "arch.halt_exploration_prob=0", "max_steps=6", "grad_clip_norm=0.01",
                             "lr=1e-3", "log_interval=1", *extra)  # fmt: skip
-    if entry != "pretrain.py":
-        experiment = "E1v2" if entry == "pretrain_encoder.py" else "E_diag1"
+    entry = "pretrain.py"
+    if experiment != "E0v2":
         common = [o.replace("experiment=E0v2", f"experiment={experiment}") for o in common] + ["data.split=trm"]
         entry = "pretrain_encoder.py"
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
@@ -217,15 +216,21 @@ def loss_rows(run_dir) -> list[dict]:
     return rows
 
 
+# Both reducers for the puzzle embedding (E0v2), the encoder (E1v2) and a frozen encoder (E_diag1:
+# weights without gradient, which DDP must leave alone); DDP for every other encoder, pooling and
+# pair layout of the plan (each with its own parameters DDP must find used).
+REDUCER_CASES = [(e, r) for e in ("E0v2", "E1v2", "E_diag1") for r in ("all-reduce", "ddp")] + [
+    (e, "ddp") for e in ("E2_lpn", "E7_attention", "E8_pool_cls", "E13_overlay", "E_diag3_identity")]  # fmt: skip
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("entry", ["pretrain.py", "pretrain_encoder.py", "frozen encoder"])
-@pytest.mark.parametrize("reducer", ["all-reduce", "ddp"])
-def test_torchrun_two_ranks_matches_one_rank(tiny_dataset, tmp_path, entry, reducer):
+@pytest.mark.parametrize("experiment, reducer", REDUCER_CASES)
+def test_torchrun_two_ranks_matches_one_rank(tiny_dataset, tmp_path, experiment, reducer):
     """Data parallel on CPU (gloo): two ranks splitting the global batch train as one rank: the
     same loss at every step, and the same weights, optimiser state and EMA at the end
     (puzzle-embedding rows of equal ids summed across ranks before their sign-SGD update); the final
     evaluation (split across ranks, votes gathered) gives the same accuracies and pass@k."""
-    one, two = one_and_two_ranks(tiny_dataset, tmp_path, entry, [f"ddp={reducer == 'ddp'}"])
+    one, two = one_and_two_ranks(tiny_dataset, tmp_path, experiment, [f"ddp={reducer == 'ddp'}"])
     a, b = final_state(one), final_state(two)
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
@@ -241,8 +246,19 @@ def test_torchrun_two_ranks_matches_one_rank(tiny_dataset, tmp_path, entry, redu
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("entry", ["pretrain.py", "pretrain_encoder.py"])
-def test_the_compiled_bf16_model_under_ddp_trains_as_one_rank(tiny_dataset, tmp_path, entry):
+def test_the_variational_encoder_trains_under_ddp(tiny_dataset, tmp_path):
+    """E3_lpn_var draws its latent noise per rank, so two ranks cannot follow one; they must train
+    under DDP (every parameter used, or DDP raises at the next step), with finite losses and
+    weights, its KL term logged."""
+    _, two = one_and_two_ranks(tiny_dataset, tmp_path, "E3_lpn_var", ["ddp=true"])
+    rows = loss_rows(two)
+    assert all(math.isfinite(r["train/lm_loss"]) and r["train/kl"] > 0 for r in rows)
+    assert all(torch.isfinite(v).all() for v in final_state(two)["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", ["E0v2", "E1v2"])
+def test_the_compiled_bf16_model_under_ddp_trains_as_one_rank(tiny_dataset, tmp_path, experiment):
     """The GPU fast path under DDP, on CPU: the core (and the encoder's pair transformer) compiled,
     the forward pass under bf16 autocast, both runs. Two ranks follow one within bf16 rounding: the
     loss at every step to 0.5 % and the global gradient norm to 2 % (measured: 0.11 % and 0.3 %;
@@ -251,7 +267,8 @@ def test_the_compiled_bf16_model_under_ddp_trains_as_one_rank(tiny_dataset, tmp_
     it by up to 2 lr: dense weights agree to 6 steps x 1e-3, not to float tolerance (the puzzle
     embedding's sign-SGD moves a row by 2 x its lr on such a flip; it is left to the loss here and
     proven equal in float32 above)."""
-    one, two = one_and_two_ranks(tiny_dataset, tmp_path, entry, ["ddp=true"], "compile=true", "arch.forward_dtype=bfloat16")
+    one, two = one_and_two_ranks(tiny_dataset, tmp_path, experiment, ["ddp=true"], "compile=true",
+                                 "arch.forward_dtype=bfloat16")  # fmt: skip
     for x, y in zip(loss_rows(one), loss_rows(two)):
         assert y["train/lm_loss"] == pytest.approx(x["train/lm_loss"], rel=5e-3), x["step"]
         assert y["grad/total_norm"] == pytest.approx(x["grad/total_norm"], rel=2e-2), x["step"]

@@ -370,7 +370,9 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
     # The model itself evaluates and is saved; the wrapper only runs the training forward pass. The
     # puzzle embedding (a buffer, updated sparsely) is not broadcast. Not static_graph: the core
     # uses its weights several times per step, and DDP's static-graph mode then reduces a
-    # gradient before all of it has accumulated (2-3x too small, seen in the two-rank test).
+    # gradient before all of it has accumulated (2-3x too small, seen in the two-rank test). With
+    # the core compiled, its backward pass is one compiled function: its gradients are all ready at
+    # its end, so their buckets overlap only the rest of the backward pass (the encoder's).
     ddp = None
     if cfg.ddp and env.world_size > 1:
         ddp = DistributedDataParallel(model, broadcast_buffers=False)
