@@ -449,7 +449,8 @@ def test_a_run_directory_in_use_elsewhere_is_refused_and_left_alone(tiny_dataset
 
     run(tiny_dataset, tmp_path / "r", "max_steps=2")
     before = folder_hash(tmp_path / "r")
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / ".r.lock")], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / ".r.lock")], stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(LockHeld, match=rf"run directory {tmp_path / 'r'} is in use by host .* pid {holder.pid} since"):
@@ -480,7 +481,8 @@ def test_two_builds_of_one_dataset_wait_for_each_other(tiny_dataset, tmp_path):
     code = ("import sys; from trm.data.build import BuildOptions, ensure_dataset; "
             f"ensure_dataset(BuildOptions(**{tiny_dataset[1].model_dump()!r}), sys.argv[1])")  # fmt: skip
     with exclusive(tmp_path / "data" / ".set.lock", "the build", wait=False):
-        builders = [subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        command = [sys.executable, "-c", code, str(out)]
+        builders = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(2)]
         for b in builders:
             assert b.stdout.readline().startswith(f"waiting for host {socket.gethostname()} pid {os.getpid()}")
         assert not out.exists()
@@ -488,3 +490,19 @@ def test_two_builds_of_one_dataset_wait_for_each_other(tiny_dataset, tmp_path):
     assert [b.returncode for b in builders] == [0, 0]
     assert sum(log.count(f"built {out}") for log in logs) == 1, logs
     assert ArcSplit(out, "train").num_examples == ArcSplit(tiny_dataset[0], "train").num_examples
+
+
+def test_a_filesystem_without_locks_warns_and_goes_on(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import trm.filelock as filelock
+
+    def no_locks(f, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(filelock.fcntl, "flock", no_locks)
+    ran = []
+    with filelock.exclusive(tmp_path / "d" / ".x.lock", "the build of x", wait=True):
+        ran.append(True)
+    warning = f"warning: {tmp_path / 'd'} does not support file locks (No locks available); the build of x is not locked"
+    assert ran and warning in capsys.readouterr().err

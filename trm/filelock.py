@@ -39,7 +39,8 @@ def exclusive(path: str | Path, what: str, wait: bool, log=print):
         if _lock(f, path, what, wait, log):
             f.seek(0)
             f.truncate()
-            f.write(f"host {socket.gethostname()} pid {os.getpid()} since {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC\n")
+            since = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+            f.write(f"host {socket.gethostname()} pid {os.getpid()} since {since}\n")
             f.flush()
         yield
 
