@@ -8,7 +8,7 @@ from encoders.config import EncoderTrainConfig
 from trm.cli import compose
 from trm.train import train
 
-from helpers import read_rows, tiny_overrides
+from helpers import assert_bf16_runs_agree, one_and_two_ranks, read_rows, tiny_overrides
 
 pytestmark = [
     pytest.mark.gpu,
@@ -83,3 +83,12 @@ def test_the_training_step_never_synchronises_with_the_host(tiny_dataset, tmp_pa
         assert caught is not None and "synchroniz" in str(caught)
     else:
         assert caught is None, caught
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("experiment", ["E0v2", "E1v2"])
+def test_two_gpus_under_ddp_train_as_one(tiny_dataset, tmp_path, experiment):
+    """The fast path (compiled, bf16 autocast) under DDP on two GPUs (NCCL) follows one GPU within
+    bf16 rounding, as the CPU test shows for gloo."""
+    one, two = one_and_two_ranks(tiny_dataset, tmp_path, experiment, ["ddp=true"], "device=cuda", "compile=true")
+    assert_bf16_runs_agree(one, two)
