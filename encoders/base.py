@@ -124,15 +124,17 @@ class DemoEncoder(Conditioner):
         return out.index_copy(0, index, pooled).view(B, D, self.dim)
 
     def encode_dense(self, demo_inputs: torch.Tensor, demo_labels: torch.Tensor) -> torch.Tensor:
-        """(N, L) canvases of N pairs, absent ones (all PAD) included -> (N, d), zero for those.
+        """(..., L) canvases of pairs, absent ones (all PAD) included -> (..., d), zero for those.
         No pair is selected: no host-device synchronisation and shapes fixed by the input, so the
         call can run under ``torch.func.vmap`` (per-task weights, :mod:`trm.adapt`). An absent pair
         is given one EOS cell, so that its attention has a key (its vector is then dropped)."""
+        lead = demo_inputs.shape[:-1]
+        demo_inputs, demo_labels = demo_inputs.flatten(0, -2), demo_labels.flatten(0, -2)  # (N, L)
         present = ((demo_inputs != PAD_ID) | (demo_labels != PAD_ID)).any(-1)  # (N,)
         first_cell = torch.arange(demo_inputs.shape[-1], device=demo_inputs.device) == 0
         inputs = torch.where(first_cell & ~present[:, None], EOS_ID, demo_inputs)
         pooled = self.encode_cells(cell_triples(inputs.long(), demo_labels.long(), self.arch.encoder_pair_layout))
-        return torch.where(present[:, None], pooled, 0.0)
+        return torch.where(present[:, None], pooled, 0.0).view(*lead, -1)
 
     def select_demos(self, demo_mask: torch.Tensor) -> torch.Tensor:
         """Keep the first ``num_demos`` valid demonstrations of each sample."""

@@ -189,7 +189,7 @@ class Bench:
                 self.losses.append(float(metrics["train/lm_loss"][0] / metrics["train/lm_loss"][1]))
 
     def evaluate(self, batches: int) -> float:
-        """ms per evaluation batch (all ACT steps, no gradient)."""
+        """ms per evaluation batch (the evaluation loop: all ACT steps, no gradient)."""
         self.model.eval()
         times = []
         with torch.no_grad():
@@ -198,9 +198,7 @@ class Bench:
                 self._sync()
                 start = time.perf_counter()
                 with self.autocast():
-                    carry, cond = self.model.initial_carry(batch), self.model.conditioner(batch)
-                    for _ in range(self.cfg.arch.halt_max_steps):
-                        carry, out = self.model(carry, batch, cond)
+                    self.model.predict(batch, self.model.conditioner(batch))
                 self._sync()
                 if i:  # the first is a warm-up
                     times.append(1000 * (time.perf_counter() - start))

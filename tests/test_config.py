@@ -2,7 +2,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -10,7 +9,7 @@ from trm.cli import compose, normalise_overrides
 from trm.config import ConfigError, TrainConfig, plan_run
 from trm.rundir import default_run_name
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT
 
 
 def test_e0v2_is_the_plans_setting():

@@ -30,9 +30,8 @@ from trm.errors import Interrupted
 from trm.rundir import RunDirError
 from trm.train import train
 
-from helpers import final_state, optimiser_tensors, read_rows, tiny_overrides
+from helpers import ROOT, final_state, optimiser_tensors, read_rows, tiny_overrides
 
-ROOT = Path(__file__).resolve().parent.parent
 ENTRIES = {"pretrain": ("cfg_pretrain", None), "encoder": ("cfg_pretrain_encoder", EncoderTrainConfig)}
 
 

@@ -260,8 +260,8 @@ def test_wrong_contexts_are_a_derangement_across_tasks(hand_split):
 def test_a_batch_takes_the_context_of_other_examples_or_of_the_empty_task(hand_split):
     idx = np.array([0, 6, 9])
     donors = np.array([9, -1, 0])
-    own, swapped = hand_split.batch(idx, True), hand_split.batch(idx, True, donors)
-    other = hand_split.batch(np.array([9, 9, 0]), True)
+    own, swapped = hand_split.batch(idx, "padded"), hand_split.batch(idx, "padded", donors)
+    other = hand_split.batch(np.array([9, 9, 0]), "padded")
     for key in ("inputs", "labels", "task_ids"):
         assert torch.equal(swapped[key], own[key])
     for key in ("puzzle_identifiers", "demo_inputs", "demo_labels", "demo_mask"):

@@ -2,7 +2,6 @@
 
 import shlex
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,8 @@ from trm.cli import compose
 from trm.config import TrainConfig
 from trm.train import build_model
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT
+
 sys.path.insert(0, str(ROOT / "scripts"))
 from run_jobs import parse  # noqa: E402
 

@@ -4,15 +4,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from helpers import tiny_overrides
+from helpers import ROOT, tiny_overrides
 from trm.cli import CONFIG_DIR
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_slurm_launcher_config_asks_for_one_node_of_four_gpus():

@@ -1,9 +1,6 @@
 import functools
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +22,6 @@ from helpers import (
     tiny_overrides,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(tiny_dataset, run_dir, *extra):

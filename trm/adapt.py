@@ -201,15 +201,15 @@ def _per_task(fn, model, weights: dict[str, torch.Tensor], *args: torch.Tensor):
     call = lambda p, *a: functional_call(bound, p, (fn, *a), strict=False)  # noqa: E731
     with warnings.catch_warnings():  # attention without a batching rule on some devices: looped, correct
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
-        return vmap(call, in_dims=(0,) * (1 + len(args)), randomness="same")(params, *args)
+        return vmap(call, randomness="same")(params, *args)
 
 
 def _leave_one_out_objective(model, inputs, labels, mask, act_steps: int) -> torch.Tensor:
     """One task: () mean over its present pairs (A copies x D slots; inputs, labels (A, D, L),
     mask (A, D)) of each pair's loss given the context of its copy's other pairs."""
-    A, D, L = inputs.shape
+    A, D, _ = inputs.shape
     encoder = model.conditioner
-    pairs = encoder.encode_dense(inputs.flatten(0, 1), labels.flatten(0, 1)).view(A, D, -1)
+    pairs = encoder.encode_dense(inputs, labels)  # (A, D, d)
     others = pairs.unsqueeze(1).expand(A, D, D, pairs.shape[-1]).flatten(0, 1)  # (A * D views, D, d)
     context = encoder.aggregate(others, encoder.select_demos(leave_one_out(mask).flatten(0, 1))).context
     losses = pair_losses(model, inputs.flatten(0, 1), labels.flatten(0, 1), context, act_steps)  # (A * D,)
@@ -220,9 +220,8 @@ def _leave_one_out_objective(model, inputs, labels, mask, act_steps: int) -> tor
 def _predict(model, inputs, demo_inputs, demo_labels, demo_mask):
     """One task's E examples (inputs (E, L); their demonstrations (E, D, L), demo_mask (E, D)) as
     evaluation predicts them: see :meth:`TinyRecursiveModel.predict`."""
-    E, D, L = demo_inputs.shape
     encoder = model.conditioner
-    pairs = encoder.encode_dense(demo_inputs.flatten(0, 1), demo_labels.flatten(0, 1)).view(E, D, -1)
+    pairs = encoder.encode_dense(demo_inputs, demo_labels)  # (E, D, d)
     return model.predict({"inputs": inputs}, encoder.aggregate(pairs, encoder.select_demos(demo_mask)))
 
 

@@ -214,17 +214,22 @@ def initial_weights(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
     raise CheckpointError(f"init_from {file}: neither a checkpoint of this framework nor a published TRM state dict")
 
 
-def start_from(model: torch.nn.Module, path: str, ema_rate: float) -> None:
-    """Load ``path``'s weights (:func:`initial_weights`) into ``model``; where the checkpoint has
-    EMA weights, those (the weights its evaluations used)."""
+def start_from(model: torch.nn.Module, path: str) -> None:
+    """Load ``path``'s weights (:func:`initial_weights`) into ``model`` (:func:`apply_weights`)."""
+    weights, averaged = initial_weights(path)
+    apply_weights(model, weights, averaged, path)
+
+
+def apply_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], averaged: dict | None, source: str) -> None:
+    """``weights`` into ``model``; where the checkpoint has EMA weights (``averaged``), those (the
+    weights its evaluations used)."""
     from trm.ema import EMA
 
-    weights, averaged = initial_weights(path)
-    load_weights(model, weights, path)
+    load_weights(model, weights, source)
     if averaged is not None:
-        averaging = EMA(model, ema_rate)
+        averaging = EMA(model, averaged["rate"])
         try:
             averaging.load_state_dict(averaged)
         except (RuntimeError, ValueError) as e:
-            raise CheckpointError(f"init_from {path}: its EMA weights do not fit the configured model ({e})") from None
+            raise CheckpointError(f"init_from {source}: its EMA weights do not fit the configured model ({e})") from None
         averaging.copy_to_model()

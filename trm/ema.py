@@ -29,8 +29,7 @@ class EMA:
     def applied(self):
         """Swap the averaged weights into the model for the duration of the block."""
         backup = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            torch._foreach_copy_(self.params, self.shadow)
+        self.copy_to_model()
         try:
             yield
         finally:

@@ -37,7 +37,13 @@ from trm.data.grids import decode_grid, inverse_augment
 
 
 def grid_key(grid: np.ndarray) -> bytes:
+    """A grid (uint8, h x w) as a vote key: shape bytes + cells."""
     return bytes(grid.shape) + grid.tobytes()
+
+
+def grid_from_key(key: bytes) -> np.ndarray:
+    """The grid of a vote key (:func:`grid_key`)."""
+    return np.frombuffer(key[2:], np.uint8).reshape(key[0], key[1])
 
 
 def select_examples(split: ArcSplit, augmentations: int | None, groups: int | None = None) -> np.ndarray:
@@ -157,7 +163,7 @@ def _run_examples(model, split: ArcSplit, indices: np.ndarray, context_from: np.
         padded = np.concatenate([positions, np.full(size - len(positions), positions[-1])])
         ctx = None if context_from is None else context_from[padded]
         batch = split.batch(indices[padded], demos, ctx)
-        if adapting:  # the demonstrations as the core reads grids, for the objective
+        if adapting and "demo_mask" not in batch:  # the demonstrations as the core reads grids, for the objective
             batch.update(split.canvases(split.demo_rows(indices[padded] if ctx is None else ctx)))
         return positions, np.arange(len(positions)), batch
 

@@ -44,7 +44,7 @@ from trm.data.dataset import ArcSplit
 from trm.data.grids import VOCAB_SIZE
 from trm.data.tasks import ArcTask, load_source
 from trm.errors import InputError
-from trm.evaluate import predict_examples, ranked_grids
+from trm.evaluate import grid_from_key, predict_examples, ranked_grids
 from trm.train import build_model, fast_path
 
 FALLBACK = [[0]]  # an attempt where fewer than two non-empty grids were predicted
@@ -63,14 +63,8 @@ def load_run(path: str, device: torch.device):
     meta = {"vocab_size": VOCAB_SIZE, "grid_size": size, "seq_len": size * size,
             "num_puzzle_identifiers": table.shape[0] if table is not None else 1}  # fmt: skip
     model = build_model(cfg, meta)
-    checkpoint.start_from(model, path, cfg.ema_rate)
+    checkpoint.apply_weights(model, state["model"], state.get("ema"), path)
     return model.to(device).eval(), cfg
-
-
-def grid_of(key: bytes) -> list[list[int]]:
-    """A vote key (shape bytes + cells, :func:`trm.evaluate.grid_key`) as a list of rows."""
-    h, w = key[0], key[1]
-    return np.frombuffer(key[2:], np.uint8).reshape(h, w).tolist()
 
 
 def submission(tasks: list[ArcTask], records) -> dict[str, list[dict]]:
@@ -80,7 +74,7 @@ def submission(tasks: list[ArcTask], records) -> dict[str, list[dict]]:
     for t, task in enumerate(tasks):
         entries = []
         for pair in range(len(task.tests)):
-            grids = [grid_of(g) for g in ranked.get((t, pair), []) if g[0] and g[1]] + [FALLBACK, FALLBACK]
+            grids = [grid_from_key(g).tolist() for g in ranked.get((t, pair), []) if g[0] and g[1]] + [FALLBACK, FALLBACK]
             entries.append({"attempt_1": grids[0], "attempt_2": grids[1]})
         out[task.name.split(":", 1)[-1]] = entries
     return out

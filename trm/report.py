@@ -433,7 +433,7 @@ def predicted_tasks(run_dir: Path, count: int) -> list[dict]:
 
     from trm.data.dataset import ArcSplit
     from trm.data.grids import decode_grid
-    from trm.evaluate import predict_examples, ranked_grids, select_examples
+    from trm.evaluate import grid_from_key, predict_examples, ranked_grids, select_examples
     from trm.predict import load_run
 
     model, cfg = load_run(str(run_dir), torch.device("cpu"))
@@ -448,7 +448,7 @@ def predicted_tasks(run_dir: Path, count: int) -> list[dict]:
         task, pair = int(split.example_task(np.asarray([i]))[0]), int(split.example_pair[i])
         pool_rows = [r for r in split.demo_rows(np.asarray([i]))[0] if r >= 0]
         demos_ = [(decode_grid(split.demo_inputs[r], size), decode_grid(split.demo_labels[r], size)) for r in pool_rows]
-        attempts = [np.frombuffer(g[2:], np.uint8).reshape(g[0], g[1]) for g in ranked.get((task, pair), [])[:2]]
+        attempts = [grid_from_key(g) for g in ranked.get((task, pair), [])[:2]]
         out.append({"name": split.tasks[task].split(":")[-1][:24], "demos": demos_, "input": decode_grid(split.inputs[i], size),
                     "truth": decode_grid(split.labels[i], size), "attempts": attempts})  # fmt: skip
     return out

@@ -346,7 +346,7 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
     model = build_model(cfg, train_split.meta).to(env.device)
     check_target(cfg.eval.adapt, model)
     if run.status == "new" and cfg.init_from:
-        checkpoint.start_from(model, cfg.init_from, cfg.ema_rate)
+        checkpoint.start_from(model, cfg.init_from)
     opt = Optimisers(cfg, model)
     ema = EMA(model, cfg.ema_rate) if cfg.ema else None
     sampler = EpochSampler(train_split, cfg.global_batch_size, cfg.seed)

@@ -104,14 +104,14 @@ class ArcSplit:
         """The pool rows ``rows`` (B, D) packed for ``layout`` (:func:`trm.data.demos.pack_demos`)."""
         return pack_demos(self.demo_inputs, self.demo_labels, rows, layout)
 
-    def batch(self, idx: np.ndarray, demos: str | bool | None = None, context_from: np.ndarray | None = None) -> dict:
+    def batch(self, idx: np.ndarray, demos: str | None = None, context_from: np.ndarray | None = None) -> dict:
         """Tensors of examples ``idx`` (B,):
 
         inputs (B, L) int32 tokens; labels (B, L) int64, PAD cells set to -100 (ignored);
         puzzle_identifiers (B,) int32; task_ids (B,) int32 (the task, shared by its augmentations);
         and the demonstrations as ``demos`` asks:
-        - None / False: none;
-        - "padded" / True: demo_inputs, demo_labels (B, D, L) int32 canvases, demo_mask (B, D) bool;
+        - None: none;
+        - "padded": demo_inputs, demo_labels (B, D, L) int32 canvases, demo_mask (B, D) bool;
         - "rows": demo_rows (B, D) int64 rows of the pool (-1: none), to be packed later;
         - a pair layout ("sequence", "overlay"): demo_rows and ``demos``, a :class:`PackedDemos`.
 
@@ -132,10 +132,10 @@ class ArcSplit:
             "puzzle_identifiers": torch.from_numpy(puzzle_ids.astype(np.int32)),
             "task_ids": torch.from_numpy(self.example_task(idx)),
         }
-        if demos in (None, False):
+        if demos is None:
             return batch
         rows = self.demo_rows(ctx)
-        if demos in ("padded", True):
+        if demos == "padded":
             return {**batch, **self.canvases(rows)}
         batch["demo_rows"] = torch.from_numpy(rows)
         if demos != "rows":
