@@ -130,13 +130,18 @@ class Queue:
             raise QueueError(f"{self.state_path}: not valid JSON ({e}); restore or delete it") from None
 
     def _write(self, records: dict[str, dict], marks: dict[str, str]) -> None:
-        """Save ``records`` and set the marker of each command in ``marks`` (found by its text)."""
-        lines = self.path.read_text().splitlines(keepends=True)
-        for i, line in enumerate(lines):
-            m = JOB.match(line.rstrip("\n"))
-            if m and m["command"] in marks:
-                lines[i] = f"[{MARKERS[marks[m['command']]]}]" + line[3:]
-        for target, text in ((self.state_path, json.dumps(records, indent=1)), (self.path, "".join(lines))):
+        """Save ``records`` and set the marker of each command in ``marks`` (found by its text).
+        jobs.txt is rewritten only for a marker (a heartbeat leaves it alone: no edit of it is
+        overwritten meanwhile)."""
+        files = [(self.state_path, json.dumps(records, indent=1))]
+        if marks:
+            lines = self.path.read_text().splitlines(keepends=True)
+            for i, line in enumerate(lines):
+                m = JOB.match(line.rstrip("\n"))
+                if m and m["command"] in marks:
+                    lines[i] = f"[{MARKERS[marks[m['command']]]}]" + line[3:]
+            files.append((self.path, "".join(lines)))
+        for target, text in files:
             tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
             tmp.write_text(text)
             os.replace(tmp, target)

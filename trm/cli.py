@@ -6,7 +6,6 @@ import importlib
 import os
 import sys
 import traceback
-from datetime import datetime
 from pathlib import Path
 
 import hydra
@@ -18,7 +17,7 @@ from pydantic import BaseModel
 
 from trm.config import ConfigError, TrainConfig, validate
 from trm.errors import InputError, Interrupted
-from trm.rundir import flatten
+from trm.rundir import default_run_name, flatten
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "config")
 GROUPS_SELECTED_BY_NAME = ("experiment", "preset")  # listed in the defaults, chosen with `name=value`
@@ -164,8 +163,7 @@ def sweep_run_name(raw: dict, job_overrides: list[str], swept: list[str]) -> dic
         return {"run_dir": str(Path(raw["run_dir"]).with_name(add(Path(raw["run_dir"]).name)))}
     if raw.get("run_name"):
         return {"run_name": add(raw["run_name"])}
-    base = "-".join(p for p in (raw.get("experiment"), raw.get("preset")) if p) or "run"
-    return {"run_name": add(base) + datetime.now().strftime("-%Y%m%d-%H%M%S")}
+    return {"run_name": default_run_name(raw, suffix.replace("/", "_"))}
 
 
 def help_text(config_name: str, schema: type[TrainConfig], overrides: list[str]) -> str:
@@ -200,7 +198,6 @@ def schema_keys(schema, prefix: str = "") -> list[tuple[str, str]]:
     return out
 
 
-
 def compose(config_name: str, overrides: list[str], schema: type[TrainConfig] = TrainConfig) -> tuple[TrainConfig, dict]:
     """Compose and validate a config as the command line would, without running (tests, tools)."""
     from hydra import compose as hydra_compose
@@ -214,4 +211,3 @@ def compose(config_name: str, overrides: list[str], schema: type[TrainConfig] = 
         with open_dict(cfg):
             del cfg["hydra"]
     return resolve(cfg, schema, choices)
-

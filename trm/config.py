@@ -187,6 +187,14 @@ class TrainConfig(Strict):
         "overlapped with the backward pass) instead of one all-reduce after it")
 
 
+EARLY_STOP = "early stop"  # how an early_stop rule's stop reason begins
+
+
+def stopped_early(summary: dict) -> bool:
+    """Whether a run's summary says an ``early_stop`` rule ended it."""
+    return str(summary.get("stop_reason", "")).startswith(EARLY_STOP)
+
+
 def early_stop_reason(rules: list[EarlyStopRule], metrics: dict[str, float], step: int, total_steps: int) -> str | None:
     """Why the evaluation ``metrics`` at ``step`` of ``total_steps`` end the run, or None. A rule
     whose metric the evaluation lacks is an error (a misspelt name would never stop anything)."""
@@ -198,7 +206,7 @@ def early_stop_reason(rules: list[EarlyStopRule], metrics: dict[str, float], ste
                              f"(e.g. {', '.join(sorted(metrics)[:5])}, ...)")  # fmt: skip
         value = metrics[rule.metric]
         if value < rule.below:
-            return (f"early stop: {rule.metric} = {value:.4g} < {rule.below} at step {step} "
+            return (f"{EARLY_STOP}: {rule.metric} = {value:.4g} < {rule.below} at step {step} "
                     f"({step / total_steps:.0%} of {total_steps}, rule from {rule.at_fraction:.0%})")
     return None
 

@@ -40,6 +40,7 @@ import numpy as np
 import yaml
 
 from trm.checkpoint import write_text_atomic
+from trm.config import stopped_early
 from trm.errors import InputError
 
 E0V2_SUCCESS, MATCH, GOOD, PARTIAL = 0.9, 0.05, 0.8, 0.5
@@ -142,7 +143,7 @@ def status(run: dict, cfg: dict) -> str:
     """complete | early-stopped | evaluation (weights scored without training) | partial | unfinished."""
     if "step" not in run:
         return "unfinished"
-    if str(run.get("stop_reason", "")).startswith("early stop"):
+    if stopped_early(run):
         return "early-stopped"
     if cfg.get("max_steps") == 0 and cfg.get("init_from"):
         return "evaluation"
@@ -173,14 +174,13 @@ def plan_name(experiment: str) -> tuple[str, str]:
 
 def aggregate(runs: list[dict]) -> list[dict]:
     """One row per (experiment, preset, adaptation): each metric's mean over the seeds, its spread
-    (max - min) under ``<metric>~``, the seeds and the run names."""
+    (max - min) under ``<metric>~``, and the seeds."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in runs:
         groups[(r["experiment"], r["preset"], r.get("adaptation", ""))].append(r)
     rows = []
     for (experiment, preset, adaptation), members in groups.items():
-        row = {"experiment": experiment, "preset": preset, "adaptation": adaptation, "runs": [m["name"] for m in members],
-               "seeds": [m["seed"] for m in members], "status": "/".join(sorted({m["status"] for m in members}))}  # fmt: skip
+        row = {"experiment": experiment, "preset": preset, "adaptation": adaptation, "seeds": [m["seed"] for m in members]}
         keys = {k for m in members for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         for k in keys - {"seed"}:
             values = [m[k] for m in members if isinstance(m.get(k), (int, float))]
@@ -330,12 +330,19 @@ def run_list(runs: list[dict]) -> str:
 # Figures ---------------------------------------------------------------------------------------------
 
 
-def curves(runs: list[dict], out: Path) -> Path | None:
-    """Learning curves of the runs with a metrics.jsonl, one line each, one panel per metric."""
+def _pyplot():
+    """matplotlib.pyplot drawing to files (no display needed), imported only when a figure is made."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def curves(runs: list[dict], out: Path) -> Path | None:
+    """Learning curves of the runs with a metrics.jsonl, one line each, one panel per metric."""
+    plt = _pyplot()
 
     series = {r["name"]: read_metrics(r["path"] / "metrics.jsonl") for r in runs if r.get("path")}
     series = {k: v for k, v in series.items() if v}
@@ -399,10 +406,7 @@ def gallery(tasks: list[dict], out: Path, title: str, demos_shown: int = 3) -> P
     """One row per task: up to ``demos_shown`` demonstration pairs, the test input, the truth and
     the two best predictions (marked right or wrong). ``tasks``: dicts with name, demos
     [(input, output)], input, truth, attempts [grid, ...] (numpy grids)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     cols = 2 * demos_shown + 4
     fig, axes = plt.subplots(len(tasks), cols, figsize=(1.6 * cols, 1.8 * len(tasks)), squeeze=False)

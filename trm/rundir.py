@@ -29,6 +29,7 @@ from typing import Any, Literal
 import yaml
 
 from trm import checkpoint
+from trm.config import stopped_early
 from trm.errors import InputError
 from trm.filelock import exclusive
 
@@ -65,9 +66,10 @@ def in_use_lock(cfg):
     return exclusive(path.parent / f".{path.name}.lock", f"run directory {path}", wait=False)
 
 
-def default_run_name(raw: dict) -> str:
+def default_run_name(raw: dict, suffix: str = "") -> str:
+    """``<experiment>[-<preset>][-<suffix>]-<date>-<time>``."""
     parts = [p for p in (raw.get("experiment"), raw.get("preset")) if p] or ["run"]
-    return "-".join(parts) + f"-{datetime.now():%Y%m%d-%H%M%S}"
+    return "-".join(parts + ([suffix] if suffix else [])) + f"-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -127,7 +129,7 @@ def inspect(cfg, raw: dict, last_step: int) -> RunDir:
     step = checkpoint.step_of(folders[0])
     summary = path / "summary.json"
     ended = _read_json(summary) if summary.is_file() else {}
-    early = str(ended.get("stop_reason", "")).startswith("early stop")
+    early = stopped_early(ended)
     finished = bool(ended) and (step >= last_step or early) and not ended.get("diverged")
     longer = bool(changed_keys(stored, raw, RESUMABLE_KEYS))  # only EXTEND_KEYS can differ here
     return RunDir(path, "finished" if finished and not cfg.extend else "resume", auto, step, longer)
