@@ -425,12 +425,12 @@ def test_a_second_command_on_a_running_run_directory_is_refused(tiny_dataset, tm
     itself is untouched and the lock is free once it ends."""
     from trm.filelock import LockHeld, exclusive
 
-    lock, refusals = tmp_path / ".r.lock", []
+    refusals = []
     healthy = train_module.train_step
 
     def step_and_knock(*args, **kwargs):
         try:
-            with exclusive(lock, "run directory r", wait=False):
+            with exclusive(tmp_path / "r", "run directory r", wait=False):
                 pass
         except LockHeld as e:
             refusals.append(str(e))
@@ -439,7 +439,7 @@ def test_a_second_command_on_a_running_run_directory_is_refused(tiny_dataset, tm
     monkeypatch.setattr(train_module, "train_step", step_and_knock)
     run(tiny_dataset, tmp_path / "r", "max_steps=2")
     assert len(refusals) == 2 and f"pid {os.getpid()}" in refusals[0] and socket.gethostname() in refusals[0]
-    with exclusive(lock, "run directory r", wait=False):  # free again
+    with exclusive(tmp_path / "r", "run directory r", wait=False):  # free again
         pass
 
 
@@ -448,7 +448,7 @@ def test_a_run_directory_in_use_elsewhere_is_refused_and_left_alone(tiny_dataset
 
     run(tiny_dataset, tmp_path / "r", "max_steps=2")
     before = folder_hash(tmp_path / "r")
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / ".r.lock")], stdout=subprocess.PIPE,
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "r")], stdout=subprocess.PIPE,
                               text=True)  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -479,7 +479,7 @@ def test_two_builds_of_one_dataset_wait_for_each_other(tiny_dataset, tmp_path):
     out = tmp_path / "data" / "set"
     code = ("import sys; from trm.data.build import BuildOptions, ensure_dataset; "
             f"ensure_dataset(BuildOptions(**{tiny_dataset[1].model_dump()!r}), sys.argv[1])")  # fmt: skip
-    with exclusive(tmp_path / "data" / ".set.lock", "the build", wait=False):
+    with exclusive(tmp_path / "data" / "set", "the build", wait=False):
         command = [sys.executable, "-c", code, str(out)]
         builders = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(2)]
         for b in builders:
@@ -501,7 +501,7 @@ def test_a_filesystem_without_locks_warns_and_goes_on(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(filelock.fcntl, "flock", no_locks)
     ran = []
-    with filelock.exclusive(tmp_path / "d" / ".x.lock", "the build of x", wait=True):
+    with filelock.exclusive(tmp_path / "d" / "x", "the build of x", wait=True):
         ran.append(True)
     warning = f"warning: {tmp_path / 'd'} does not support file locks (No locks available); the build of x is not locked"
     assert ran and warning in capsys.readouterr().err

@@ -144,7 +144,7 @@ def wrong_contexts(split: ArcSplit, indices: np.ndarray, seed: int) -> np.ndarra
 
 def _run_examples(model, split: ArcSplit, indices: np.ndarray, context_from: np.ndarray | None, groups: np.ndarray,
                   num_groups: int, local_batch_size: int, device, autocast, demos: str | None,
-                  keep_records: bool, adapt: AdaptConfig | None = None) -> tuple[torch.Tensor, list[Prediction]]:  # fmt: skip
+                  keep_records: bool, adapt: AdaptConfig = AdaptConfig()) -> tuple[torch.Tensor, list[Prediction]]:  # fmt: skip
     """Sums (token accuracy, exact, exact at halt, count, adaptation objective before, after,
     adaptation ms) over ``indices`` on this rank, one row per group of ``groups`` (num_groups, 7),
     and the vote records when ``keep_records``. With ``adapt``, each batch's contexts are first
@@ -152,7 +152,7 @@ def _run_examples(model, split: ArcSplit, indices: np.ndarray, context_from: np.
     examples go by task, each task predicted with weights fine-tuned on its demonstrations
     (encoder / all: :func:`trm.adapt.finetune`). Batches are assembled a few ahead in a
     background thread."""
-    adapting = adapt is not None and adapt.enabled
+    adapting = adapt.enabled
     fine_tuning = adapting and adapt.of_weights
 
     def example_batch(start: int) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -215,7 +215,7 @@ def _run_examples(model, split: ArcSplit, indices: np.ndarray, context_from: np.
 
 @torch.no_grad()
 def predict_examples(model, split: ArcSplit, indices: np.ndarray, local_batch_size: int, device: torch.device,
-                     autocast, demos: str | None, adapt: AdaptConfig | None = None) -> list[Prediction]:  # fmt: skip
+                     autocast, demos: str | None, adapt: AdaptConfig = AdaptConfig()) -> list[Prediction]:  # fmt: skip
     """The vote records of ``indices`` in this process (no ranks), with ``adapt``'s test-time
     adaptation: what :func:`ranked_grids` turns into predictions."""
     was_training = model.training
@@ -230,7 +230,7 @@ def predict_examples(model, split: ArcSplit, indices: np.ndarray, local_batch_si
 def evaluate_split(model, split: ArcSplit, indices: np.ndarray, local_batch_size: int, device: torch.device,
                    autocast, demos: str | None, vote: bool, ks: list[int], prefix: str, reliance: bool = False,
                    seed: int = 0, arc_prefix: str = "ARC", groups: dict[str, np.ndarray] | None = None,
-                   adapt: AdaptConfig | None = None) -> dict[str, float]:  # fmt: skip
+                   adapt: AdaptConfig = AdaptConfig()) -> dict[str, float]:  # fmt: skip
     """Evaluate ``indices`` of ``split``, sharded across ranks; returns metrics on every rank.
 
     eval/<prefix>/accuracy: mean token accuracy and eval/<prefix>/exact_accuracy: fraction of examples
@@ -266,7 +266,7 @@ def evaluate_split(model, split: ArcSplit, indices: np.ndarray, local_batch_size
     tasks = np.unique(task_of)
     num_tasks = len(tasks)
     mine = np.array_split(np.arange(len(indices)), world)[rank]  # this rank's positions
-    if adapt is not None and adapt.of_weights:  # whole tasks: each fine-tuned by one rank
+    if adapt.of_weights:  # whole tasks: each fine-tuned by one rank
         mine = np.flatnonzero(np.isin(task_of, np.array_split(tasks, world)[rank]))
     was_training = model.training
     model.eval()
@@ -294,7 +294,7 @@ def evaluate_split(model, split: ArcSplit, indices: np.ndarray, local_batch_size
         if not suffix:
             metrics[f"eval/{prefix}/exact_accuracy_at_halt"] = exact_at_halt / max(count, 1)
             metrics[f"eval/{prefix}/examples"] = count
-            if adapt is not None and adapt.enabled:
+            if adapt.enabled:
                 metrics[f"eval/{prefix}/adapt_objective_before"] = before / max(count, 1)
                 metrics[f"eval/{prefix}/adapt_objective_after"] = after / max(count, 1)
                 metrics[f"eval/{prefix}/adapt_ms_per_example"] = adapt_ms / max(count, 1)

@@ -28,12 +28,14 @@ def _holder(f) -> str:
 
 
 @contextlib.contextmanager
-def exclusive(path: str | Path, what: str, wait: bool, log=print):
-    """Hold an exclusive lock on ``path`` (created with its folder) for the ``with`` block.
+def exclusive(guarded: str | Path, what: str, wait: bool, log=print):
+    """Hold the exclusive lock of ``guarded`` (a file or folder, which need not exist) for the
+    ``with`` block: the file ``.<name>.lock`` beside it, created with its folder.
 
     Held by another process: with ``wait``, log one line naming ``what`` and the holder and wait
     for it; without, raise :class:`LockHeld` naming both."""
-    path = Path(path)
+    guarded = Path(guarded)
+    path = guarded.parent / f".{guarded.name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         if _lock(f, path, what, wait, log):

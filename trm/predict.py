@@ -118,10 +118,9 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             write_prediction_split(fitting, size, a.augmentations, cfg.data.max_demos, cfg.data.seed, Path(tmp) / "data")
             split = ArcSplit(Path(tmp) / "data", "test")
-            adapt = None
-            if a.adapt_steps:
-                adapt = AdaptConfig(target=a.adapt_target, steps=a.adapt_steps, lr=a.adapt_lr, augmentations=a.adapt_copies)
-                check_target(adapt, model)
+            adapt = AdaptConfig(target=a.adapt_target if a.adapt_steps else "none", steps=a.adapt_steps, lr=a.adapt_lr,
+                                augmentations=a.adapt_copies)  # fmt: skip
+            check_target(adapt, model)
             autocast = fast_path(cfg, model, device)  # the run's own dtype and compile settings here
             records = predict_examples(model, split, np.arange(split.num_examples), a.batch_size, device,
                                        autocast, model.conditioner.demos, adapt)  # fmt: skip

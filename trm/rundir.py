@@ -63,7 +63,7 @@ def in_use_lock(cfg):
     if cfg.run_dir is None and cfg.run_name is None:
         return contextlib.nullcontext()
     path = Path(cfg.run_dir or Path("runs") / cfg.run_name)
-    return exclusive(path.parent / f".{path.name}.lock", f"run directory {path}", wait=False)
+    return exclusive(path, f"run directory {path}", wait=False)
 
 
 def default_run_name(raw: dict, suffix: str = "") -> str:

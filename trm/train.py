@@ -173,10 +173,7 @@ def train_step(model, carry: Carry, batch, opt: Optimisers, cfg: TrainConfig, st
         opt.sparse.step(sparse_grad, ok)
     # A non-finite state is not carried on: every slot restarts its example (the examples stay,
     # as the feed saw them).
-    core = model.core
-    carry.z_H = torch.where(ok, carry.z_H, core.H_init.expand_as(carry.z_H))
-    carry.z_L = torch.where(ok, carry.z_L, core.L_init.expand_as(carry.z_L))
-    carry.steps = torch.where(ok, carry.steps, 0)
+    carry.z_H, carry.z_L, carry.steps = model.restarted(carry, ~ok)
 
     samples = torch.full((), float(carry.halted.numel()), device=device)  # no host-to-device copy: no sync
     one = torch.ones((), device=device)

@@ -367,7 +367,7 @@ def ensure_dataset(options: BuildOptions, path: str | Path, log=print) -> Path:
     info_file = path / "build.json"
     if not path.exists():
         # One build at a time, on any host sharing the folder: the others wait and then use it.
-        with exclusive(path.parent / f".{path.name}.lock", f"the build of {path}", wait=True, log=log):
+        with exclusive(path, f"the build of {path}", wait=True, log=log):
             if not path.exists():
                 build_dataset(options, path, log)
     if not info_file.is_file():

@@ -117,15 +117,20 @@ class TinyRecursiveModel(nn.Module):
         data = {k: torch.zeros_like(v) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         return Carry(z, z.clone(), steps, halted, data)
 
+    def restarted(self, carry: Carry, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The recursion state (z_H, z_L, steps) with the slots of ``mask`` ((B,) or 0-dim bool)
+        back at the initial state and step 0."""
+        return (_where(mask, self.core.H_init.expand_as(carry.z_H), carry.z_H),
+                _where(mask, self.core.L_init.expand_as(carry.z_L), carry.z_L), torch.where(mask, 0, carry.steps))  # fmt: skip
+
     def forward(self, carry: Carry, batch: dict[str, torch.Tensor], conditioning: Conditioning | None = None):
         """Returns (new carry, StepOutput). ``conditioning`` may be passed to reuse a context
         computed once per batch (evaluation); in training it is recomputed with gradient. Entries of
         ``batch`` that are not per-slot tensors (packed demonstrations, built for the slots of this
         step) go to the conditioner as they are."""
         data = {k: _where(carry.halted, batch[k], v) for k, v in carry.data.items()}
-        z_H = _where(carry.halted, self.core.H_init.expand_as(carry.z_H), carry.z_H)
-        z_L = _where(carry.halted, self.core.L_init.expand_as(carry.z_L), carry.z_L)
-        steps = torch.where(carry.halted, 0, carry.steps) + 1
+        z_H, z_L, steps = self.restarted(carry, carry.halted)
+        steps = steps + 1
 
         cond = conditioning if conditioning is not None else self.conditioner({**batch, **data})
         z_H, z_L, logits, q = self.core(z_H, z_L, data["inputs"], cond.context)
