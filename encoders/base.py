@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from encoders.config import EncoderArchConfig
-from encoders.registry import POOLINGS
+from encoders.registry import ENCODERS, POOLINGS
 from trm.data.demos import PackedDemos, cell_mask, cell_triples
 from trm.data.grids import EOS_ID, PAD_ID
-from trm.model.conditioning import Conditioner, Conditioning
-from trm.model.layers import Block, linear, rms_norm, trunc_normal_
+from trm.model.conditioning import Conditioner, Conditioning, ParamGroup, register_conditioner
+from trm.model.layers import Block, block_flops, linear, rms_norm, trunc_normal_
 
 
 class PairEmbedding(nn.Module):
@@ -63,10 +63,21 @@ class PairEmbedding(nn.Module):
         return x, cell_mask(triples, self.layout)
 
 
+@register_conditioner("demo_encoder")
 class DemoEncoder(Conditioner):
-    """Base of the demonstration encoders; subclasses implement :meth:`aggregate`."""
+    """The ``demo_encoder`` conditioner: each demonstration pair pooled to one vector, the vectors
+    aggregated to the context by the encoder named by ``arch.encoder_type`` (a registered subclass,
+    implementing :meth:`aggregate`)."""
 
+    arch_schema = EncoderArchConfig
     default_layers = 2
+
+    @classmethod
+    def build(cls, arch: EncoderArchConfig, metadata: dict) -> DemoEncoder:
+        encoder = ENCODERS.get_valid(arch.encoder_type)(arch, metadata)
+        if arch.freeze_encoder:
+            encoder.requires_grad_(False)
+        return encoder
 
     def __init__(self, arch: EncoderArchConfig, metadata: dict):
         super().__init__()
@@ -87,10 +98,11 @@ class DemoEncoder(Conditioner):
         self.register_buffer("code_freq", torch.rand(arch.hidden_size, generator=g) * 1000.0, persistent=False)
         self.register_buffer("code_phase", torch.rand(arch.hidden_size, generator=g) * 6.2832, persistent=False)
 
-    def finish_init(self) -> None:
-        """Called by the registry after a subclass built its modules."""
-        if self.arch.freeze_encoder:
-            self.requires_grad_(False)
+    def param_groups(self) -> list[ParamGroup]:
+        """Its weights at ``encoder_lr_scale`` x lr, warmed up over ``encoder_lr_warmup_steps`` (none
+        when frozen)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [ParamGroup("encoder_lr", params, self.arch.encoder_lr_scale, self.arch.encoder_lr_warmup_steps)] if params else []
 
     def encode_cells(self, triples: torch.Tensor) -> torch.Tensor:
         """(N, T, 3) cell triples of N pairs -> (N, d) pair vectors."""
@@ -100,7 +112,7 @@ class DemoEncoder(Conditioner):
             x = block(x, key_mask=cells)
         return self.pooling(rms_norm(x, self.arch.rms_norm_eps), cells)
 
-    def compile_pairs(self) -> None:
+    def compile_parts(self) -> None:
         """torch.compile the pair transformer, with dynamic shapes: the packed blocks change their
         number of pairs and length from step to step."""
         self.encode_cells = torch.compile(self.encode_cells, dynamic=True)
@@ -135,6 +147,22 @@ class DemoEncoder(Conditioner):
         inputs = torch.where(first_cell & ~present[:, None], EOS_ID, demo_inputs)
         pooled = self.encode_cells(cell_triples(inputs.long(), demo_labels.long(), self.arch.encoder_pair_layout))
         return torch.where(present[:, None], pooled, 0.0).view(*lead, -1)
+
+    def context_of_pairs(self, pairs: torch.Tensor, mask: torch.Tensor) -> Conditioning:
+        """The context from pair vectors (B, D, d) where ``mask`` (B, D), the first ``num_demos``."""
+        return self.aggregate(pairs, self.select_demos(mask))
+
+    def forward_flops(self, batch: dict[str, torch.Tensor]) -> float:
+        """The pair transformer's matrix products (:func:`trm.model.layers.block_flops`): packed,
+        each block's pairs at the block's length (padding included: what the device runs); padded,
+        the present pairs at the full canvas. The aggregation over a few vectors per sample is left
+        out (under 0.1 % at full size)."""
+        if "demos" in batch:
+            shapes = [tuple(b.shape[:2]) for b in batch["demos"].blocks]
+        else:
+            tokens = batch["demo_inputs"].shape[-1] * (1 if self.arch.encoder_pair_layout == "overlay" else 2)
+            shapes = [(int(batch["demo_mask"].sum()), tokens)]
+        return sum(block_flops(n, t, self.dim, self.arch.expansion, len(self.blocks)) for n, t in shapes)
 
     def select_demos(self, demo_mask: torch.Tensor) -> torch.Tensor:
         """Keep the first ``num_demos`` valid demonstrations of each sample."""

@@ -1,6 +1,6 @@
-"""Config schema of the encoder model (``pretrain_encoder.py``): the TRM schema plus the encoder's
-keys, named as in the experiment plan (``arch.encoder_type``, ``arch.encoder_pooling_method``,
-``arch.freeze_encoder``, ``arch.encoder_num_layers``, ...)."""
+"""The ``arch`` schema of the demonstration conditioners (``pretrain_encoder.py``): the core's keys
+plus the encoders', named as in the experiment plan (``arch.encoder_type``,
+``arch.encoder_pooling_method``, ``arch.freeze_encoder``, ``arch.encoder_num_layers``, ...)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from trm.config import ArchConfig, TrainConfig
+from trm.model.config import ArchConfig
 
 
 def _check_registered(kind: str, name: str) -> str:
-    import encoders  # noqa: F401  (registers every encoder and pooling)
     from encoders.registry import ENCODERS, POOLINGS
 
     try:
@@ -23,6 +22,9 @@ def _check_registered(kind: str, name: str) -> str:
 
 
 class EncoderArchConfig(ArchConfig):
+    conditioner: str = Field(
+        "demo_encoder", description="what gives the core its task context: demo_encoder (an encoder of "
+        "arch.encoder_type pools each demonstration pair to a vector), or puzzle_embedding (pretrain.py)")  # fmt: skip
     encoder_type: str = Field("standard", description="registry name: standard, lpn_standard, lpn_variational")
     encoder_pooling_method: str = Field("mean", description="pooling of a grid's cells: mean, attention, cls")
     encoder_num_layers: int | None = Field(None, ge=1, description="grid transformer depth (None: the encoder's default)")
@@ -44,10 +46,8 @@ class EncoderArchConfig(ArchConfig):
     identity_target_weight: float = Field(
         0.0, ge=0, description="identity-encoder diagnostic: weight of an MSE pulling the first context "
         "token toward a fixed random code of the puzzle id (0: off)")
-
-    @property
-    def conditioner(self) -> str:
-        return "demo_encoder"
+    encoder_lr_scale: float = Field(1.0, gt=0, description="encoder lr = lr x encoder_lr_scale")
+    encoder_lr_warmup_steps: int | None = Field(None, ge=0, description="encoder warmup (None: lr_warmup_steps)")
 
     @field_validator("encoder_type")
     @classmethod
@@ -58,9 +58,3 @@ class EncoderArchConfig(ArchConfig):
     @classmethod
     def _known_pooling(cls, v: str) -> str:
         return _check_registered("pooling", v)
-
-
-class EncoderTrainConfig(TrainConfig):
-    arch: EncoderArchConfig = Field(default_factory=EncoderArchConfig)
-    encoder_lr_scale: float = Field(1.0, gt=0, description="encoder lr = lr x encoder_lr_scale")
-    encoder_lr_warmup_steps: int | None = Field(None, ge=0, description="encoder warmup (None: lr_warmup_steps)")

@@ -56,13 +56,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trm.cli import ENTRY_POINTS, _schema, compose  # noqa: E402
+from trm.cli import compose  # noqa: E402
 from trm.config import plan_run  # noqa: E402
 from trm.data.build import ensure_dataset  # noqa: E402
 from trm.data.dataset import ArcSplit, EpochSampler  # noqa: E402
 from trm.distributed import setup  # noqa: E402
 from trm.ema import EMA  # noqa: E402
-from trm.model.layers import swiglu_width  # noqa: E402
+from trm.model.layers import block_flops  # noqa: E402
 from trm.data.pipeline import TrainFeed  # noqa: E402
 from trm.train import Optimisers, build_model, fast_path, train_step  # noqa: E402
 
@@ -99,29 +99,14 @@ class Result:
         return out
 
 
-def net_flops(B: int, T: int, H: int, expansion: float, layers: int) -> float:
-    I = swiglu_width(H, expansion)  # noqa: E741
-    per_layer = 2 * T * 3 * H * H + 4 * T * T * H + 2 * T * H * H + 2 * T * 2 * H * I + 2 * T * I * H
-    return B * layers * per_layer
-
-
 def step_flops(cfg, batch: dict, seq_len: int, vocab: int, model) -> float:
     a = cfg.arch
     B, T = batch["inputs"].shape[0], a.puzzle_emb_len + seq_len
-    net = net_flops(B, T, a.hidden_size, a.expansion, a.L_layers)
+    net = block_flops(B, T, a.hidden_size, a.expansion, a.L_layers)
     calls_per_cycle = a.L_cycles + 1
     flops = net * calls_per_cycle * a.H_cycles + 2 * net * calls_per_cycle + 3 * 2 * B * seq_len * a.hidden_size * vocab
-    if model.conditioner.demos is not None:
-        d = getattr(a, "encoder_hidden_size", None) or a.hidden_size
-        layers = len(model.conditioner.blocks)
-        trained = any(p.requires_grad for p in model.conditioner.parameters())
-        if "demos" in batch:  # packed: each block's pairs at the block's length
-            shapes = [tuple(b.shape[:2]) for b in batch["demos"].blocks]
-        else:
-            tokens = batch["demo_inputs"].shape[-1] * (1 if a.encoder_pair_layout == "overlay" else 2)
-            shapes = [(int(batch["demo_mask"].sum()), tokens)]
-        flops += (3 if trained else 1) * sum(net_flops(n, t, d, a.expansion, layers) for n, t in shapes)
-    return float(flops)
+    trained = any(p.requires_grad for p in model.conditioner.parameters())
+    return float(flops + (3 if trained else 1) * model.conditioner.forward_flops(batch))
 
 
 class Bench:
@@ -130,8 +115,7 @@ class Bench:
     with the default autocast over float32 weights."""
 
     def __init__(self, entry: str, overrides: list[str], name: str, bf16_weights: bool = False):
-        schema = _schema(ENTRY_POINTS[ENTRIES[entry]][1])
-        self.cfg, _ = compose(ENTRIES[entry], overrides, schema)
+        self.cfg, _ = compose(ENTRIES[entry], overrides)
         self.name, self.overrides = name, overrides + (["(bf16 weights)"] if bf16_weights else [])
         self.env = setup(self.cfg.device)
         data_dir = ensure_dataset(self.cfg.data.build_options(), self.cfg.data.resolved_path())

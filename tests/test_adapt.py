@@ -21,14 +21,15 @@ SMALL = dict(hidden_size=32, num_heads=2, L_layers=1, H_cycles=1, L_cycles=1, pu
 
 
 def make_model(conditioner, meta):
-    from encoders.config import EncoderArchConfig, EncoderTrainConfig
+    from encoders.config import EncoderArchConfig
+    from trm.config import TrainConfig
     from trm.config import ArchConfig, TrainConfig
     from trm.train import build_model
 
     if conditioner == "puzzle_embedding":
         cfg = TrainConfig(arch=ArchConfig(**SMALL))
     else:
-        cfg = EncoderTrainConfig(arch=EncoderArchConfig(**SMALL, encoder_num_layers=1))
+        cfg = TrainConfig(arch=EncoderArchConfig(**SMALL, encoder_num_layers=1))
     torch.manual_seed(0)
     return build_model(cfg, meta).eval()
 

@@ -8,7 +8,6 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from encoders.config import EncoderTrainConfig
 from trm.cli import compose
 from trm.train import build_model, total_loss
 
@@ -25,7 +24,7 @@ def test_step_flops_match_the_counted_matrix_products(entry):
     map (products over the few pair vectors: 0.6 % here, far less at full size)."""
     extra = ["experiment=E1v2" if entry.endswith("encoder") else "experiment=E0v2"]
     cfg, _ = compose(entry, [*extra, "arch.hidden_size=32", "arch.num_heads=2", "arch.H_cycles=3", "arch.L_cycles=2",
-                             "arch.puzzle_emb_len=2"], *([EncoderTrainConfig] if entry.endswith("encoder") else []))  # fmt: skip
+                             "arch.puzzle_emb_len=2"])  # fmt: skip
     torch.manual_seed(0)
     model = build_model(cfg, META).train()
     B, D = 3, 4

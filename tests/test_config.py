@@ -45,12 +45,11 @@ def test_unknown_key_fails_naming_it():
 @pytest.mark.parametrize("entry", ["cfg_pretrain", "cfg_pretrain_encoder"])
 @pytest.mark.parametrize("key", ["+epoch=3", "+eval.reliance_typo=1", "+data.max_grid=10"])
 def test_unknown_keys_at_any_level_are_refused_by_both_entry_points(entry, key):
-    from encoders.config import EncoderTrainConfig
 
-    schema = EncoderTrainConfig if entry == "cfg_pretrain_encoder" else TrainConfig
+    experiment = "E1v2" if entry == "cfg_pretrain_encoder" else "E0v2"
     name = key[1:].split("=")[0]
     with pytest.raises(ConfigError, match=rf"{name.replace('.', '[.]')}: unknown key"):
-        compose(entry, ["experiment=E0v2", key], schema)
+        compose(entry, [f"experiment={experiment}", key])
 
 
 def test_wrong_type_fails_naming_the_key():
@@ -80,17 +79,16 @@ FAMILY_EXPERIMENTS = ["E0v2_families", "E1v2_families", "E_diag1_families", "E2_
 
 @pytest.mark.parametrize("experiment", FAMILY_EXPERIMENTS)
 def test_family_benchmark_experiments_keep_their_changes_at_both_sizes(experiment):
-    from encoders.config import EncoderTrainConfig
 
-    entry, schema = ("cfg_pretrain", TrainConfig) if experiment.startswith("E0v2") else ("cfg_pretrain_encoder", EncoderTrainConfig)
-    plain, _ = compose(entry, [f"experiment={experiment.removesuffix('_families')}"], schema)
+    entry = "cfg_pretrain" if experiment.startswith("E0v2") else "cfg_pretrain_encoder"
+    plain, _ = compose(entry, [f"experiment={experiment.removesuffix('_families')}"])
     for preset in ([], ["preset=cpu_families"]):
-        cfg, raw = compose(entry, [f"experiment={experiment}", *preset], schema)
+        cfg, raw = compose(entry, [f"experiment={experiment}", *preset])
         assert raw["experiment"] == experiment
         assert cfg.data.split == "heldout" and cfg.data.train_sources == ["families/train"]
         assert cfg.data.eval_sources == ["families/unseen_params", "families/unseen_families"]
         assert cfg.data.num_train_groups is None and cfg.data.num_eval_groups is None  # E0v2's 32 groups undone
-        if schema is EncoderTrainConfig:  # the experiment's own change survives benchmark and preset
+        if entry == "cfg_pretrain_encoder":  # the experiment's own change survives benchmark and preset
             for key in ("encoder_type", "encoder_pooling_method", "freeze_encoder", "encoder_pair_layout", "kl_weight"):
                 assert getattr(cfg.arch, key) == getattr(plain.arch, key), key
         if preset:
@@ -100,10 +98,10 @@ def test_family_benchmark_experiments_keep_their_changes_at_both_sizes(experimen
 
 
 def test_help_lists_every_key_with_its_value_and_description():
-    from encoders.config import EncoderTrainConfig
+    from encoders.config import EncoderArchConfig
     from trm.cli import schema_keys
 
-    keys = schema_keys(EncoderTrainConfig)
+    keys = schema_keys(TrainConfig, arch=EncoderArchConfig)
     assert all(description for _, description in keys), [k for k, d in keys if not d]
     out = subprocess.run([sys.executable, "pretrain_encoder.py", "experiment=E1v2", "preset=cpu", "--help"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120).stdout  # fmt: skip

@@ -19,10 +19,9 @@ import yaml
 
 import trm.rundir as rundir
 import trm.train as train_module
-from encoders.config import EncoderTrainConfig
 from trm import checkpoint
 from trm.checkpoint import CheckpointError, load_weights
-from trm.cli import _other_entry_point, compose
+from trm.cli import compose
 from trm.data.build import build_dataset, remove_stale_builds
 from trm.data.dataset import ArcSplit
 from trm.data.tasks import ArcDataError
@@ -32,15 +31,14 @@ from trm.train import train
 
 from helpers import ROOT, final_state, optimiser_tensors, read_rows, tiny_overrides
 
-ENTRIES = {"pretrain": ("cfg_pretrain", None), "encoder": ("cfg_pretrain_encoder", EncoderTrainConfig)}
+ENTRIES = {"pretrain": "cfg_pretrain", "encoder": "cfg_pretrain_encoder"}
 
 
 def run(tiny_dataset, run_dir, *extra, entry="pretrain"):
-    name, schema = ENTRIES[entry]
     overrides = tiny_overrides(tiny_dataset, run_dir, *extra)
     if entry == "encoder":  # the tiny dataset is built in trm mode
         overrides = [o.replace("experiment=E0v2", "experiment=E1v2") for o in overrides] + ["data.split=trm"]
-    cfg, raw = compose(name, overrides, *([schema] if schema else []))
+    cfg, raw = compose(ENTRIES[entry], overrides)
     return train(cfg, raw)
 
 
@@ -240,13 +238,18 @@ def test_a_truncated_dataset_array_is_named(tiny_dataset, tmp_path, cut):
         ArcSplit(copy, "test")
 
 
-def test_an_experiment_of_the_other_entry_point_is_named(tmp_path):
-    assert _other_entry_point("cfg_pretrain", ["experiment=E1v2"]) == "pretrain_encoder.py"
-    proc = subprocess.run([sys.executable, "pretrain.py", "experiment=E1v2", "wandb.mode=disabled"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+@pytest.mark.parametrize("script, experiment, other", [("pretrain.py", "E1v2", "pretrain_encoder.py"),
+                                                        ("pretrain_encoder.py", "E0v2", "pretrain.py")])
+def test_an_experiment_of_the_other_entry_point_is_refused_naming_its_command(tmp_path, script, experiment, other):
+    """Refused before anything is built or written: no dataset folder, no run directory."""
+    args = [f"experiment={experiment}", "preset=cpu", f"data.root={tmp_path / 'data'}", f"run_dir={tmp_path / 'run'}"]
+    proc = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "WANDB_MODE": "disabled"})  # fmt: skip
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "pretrain_encoder.py" in lines[0] and "Traceback" not in proc.stderr
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"which {other} trains, not {script}: python {other} {' '.join(args)}" in lines[0]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
 
 
 def test_weights_that_do_not_fit_name_the_tensor_and_both_shapes():

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import encoders  # noqa: F401
-from encoders.config import EncoderArchConfig, EncoderTrainConfig
+from encoders.config import EncoderArchConfig
+from trm.config import TrainConfig
 from encoders.registry import ENCODERS, POOLINGS
 from trm.config import plan_run
 from trm.model.trm import TinyRecursiveModel
@@ -25,7 +26,7 @@ def make_cfg(encoder, pooling, **arch):
     arch = EncoderArchConfig(hidden_size=32, num_heads=4, L_layers=1, H_cycles=2, L_cycles=1, puzzle_emb_len=3,
                              halt_max_steps=4, halt_exploration_prob=0.0, encoder_type=encoder,
                              encoder_pooling_method=pooling, encoder_num_layers=1, encoder_set_layers=1, **arch)  # fmt: skip
-    return EncoderTrainConfig(arch=arch, global_batch_size=B, lr_warmup_steps=0, weight_decay=0.0, lr=1e-3)
+    return TrainConfig(arch=arch, global_batch_size=B, lr_warmup_steps=0, weight_decay=0.0, lr=1e-3)
 
 
 def make_model(cfg):
@@ -206,7 +207,8 @@ def test_model_context_seam_is_the_same_core():
     """The encoder model is the puzzle-embedding model's core fed another context: with the same
     core weights and the encoder's context passed through the seam, both give the same step."""
     from trm.config import ArchConfig
-    from trm.model.conditioning import Conditioning, PuzzleEmbedding
+    from trm.model.conditioning import Conditioning
+    from trm.model.puzzle_embedding import PuzzleEmbedding
 
     model = make_model(make_cfg("standard", "mean")).eval()
     arch = ArchConfig(**{k: v for k, v in model.arch.model_dump().items() if k in ArchConfig.model_fields})

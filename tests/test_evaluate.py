@@ -311,7 +311,8 @@ def test_reliance_of_a_model_that_reads_its_context(hand_split):
 def test_reliance_is_zero_when_the_core_ignores_its_context(hand_split, conditioner):
     """A real model whose core zeroes its context scores the same with the right, a wrong and the
     empty context; the same model reading its context does not (the test can tell them apart)."""
-    from encoders.config import EncoderArchConfig, EncoderTrainConfig
+    from encoders.config import EncoderArchConfig
+    from trm.config import TrainConfig
     from trm.config import ArchConfig, TrainConfig
     from trm.train import build_model
 
@@ -319,7 +320,7 @@ def test_reliance_is_zero_when_the_core_ignores_its_context(hand_split, conditio
     if conditioner == "puzzle_embedding":
         cfg = TrainConfig(arch=ArchConfig(**small))
     else:
-        cfg = EncoderTrainConfig(arch=EncoderArchConfig(**small, encoder_num_layers=1))
+        cfg = TrainConfig(arch=EncoderArchConfig(**small, encoder_num_layers=1))
     torch.manual_seed(0)
     model = build_model(cfg, hand_split.meta)
     if conditioner == "puzzle_embedding":

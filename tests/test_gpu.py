@@ -4,7 +4,6 @@
 import pytest
 import torch
 
-from encoders.config import EncoderTrainConfig
 from trm.cli import compose
 from trm.train import train
 
@@ -20,7 +19,7 @@ def run(tiny_dataset, run_dir, entry, *extra):
     overrides = tiny_overrides(tiny_dataset, run_dir, "device=cuda", "log_interval=1", "arch.halt_exploration_prob=0", *extra)
     if entry == "encoder":
         overrides = [o.replace("experiment=E0v2", "experiment=E1v2") for o in overrides] + ["data.split=trm"]
-        return train(*compose("cfg_pretrain_encoder", overrides, EncoderTrainConfig))
+        return train(*compose("cfg_pretrain_encoder", overrides))
     return train(*compose("cfg_pretrain", overrides))
 
 
@@ -53,7 +52,7 @@ def test_the_training_step_never_synchronises_with_the_host(tiny_dataset, tmp_pa
         overrides.append("arch.encoder_packing=false")
     if entry.startswith("encoder"):
         overrides = [o.replace("experiment=E0v2", "experiment=E1v2") for o in overrides] + ["data.split=trm"]
-        cfg, _ = compose("cfg_pretrain_encoder", overrides, EncoderTrainConfig)
+        cfg, _ = compose("cfg_pretrain_encoder", overrides)
     else:
         cfg, _ = compose("cfg_pretrain", overrides)
     split = ArcSplit(tiny_dataset[0], "train")

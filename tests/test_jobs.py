@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import encoders  # noqa: F401
-from encoders.config import EncoderTrainConfig
 from trm.cli import compose
 from trm.config import TrainConfig
 from trm.train import build_model
@@ -17,7 +16,7 @@ from helpers import ROOT
 sys.path.insert(0, str(ROOT / "scripts"))
 from run_jobs import parse  # noqa: E402
 
-ENTRIES = {"pretrain.py": ("cfg_pretrain", TrainConfig), "pretrain_encoder.py": ("cfg_pretrain_encoder", EncoderTrainConfig)}
+ENTRIES = {"pretrain.py": "cfg_pretrain", "pretrain_encoder.py": "cfg_pretrain_encoder"}
 JOBS = [command for _, _, command in parse(ROOT / "jobs.txt")]
 SMALL = ["arch.hidden_size=32", "arch.num_heads=4", "arch.puzzle_emb_len=2"]
 PLAN = ["E0v2", "E1v2", "E_diag1", "E2_lpn", "E3_lpn_var", "E4_lower_lr", "E5_grad_clip", "E7_attention", "E6_combined"]
@@ -40,8 +39,7 @@ def test_the_plans_experiments_are_queued_in_phase_order_with_distinct_names():
 @pytest.mark.parametrize("command", JOBS)
 def test_job_composes_and_builds(command):
     script, overrides = split_command(command)
-    config_name, schema = ENTRIES[script]
-    cfg, raw = compose(config_name, overrides + SMALL, schema)
+    cfg, raw = compose(ENTRIES[script], overrides + SMALL)
     assert raw["experiment"] and cfg.run_name
     if script == "pretrain_encoder.py":
         assert cfg.data.split == "heldout"  # the encoder never sees its evaluation tasks

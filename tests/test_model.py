@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from trm.config import ArchConfig
-from trm.model.conditioning import Conditioning, PuzzleEmbedding
+from trm.model.conditioning import Conditioning
+from trm.model.puzzle_embedding import PuzzleEmbedding
 from trm.model.layers import swiglu_width
 from trm.model.trm import TinyRecursiveModel
 

@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from trm.model.conditioning import PuzzleEmbedding
-from trm.optim import AdamATan2, SparseSignSGD, lr_at
+from trm.model.puzzle_embedding import PuzzleEmbedding, SparseSignSGD
+from trm.optim import AdamATan2, lr_at
 
 
 def test_adam_atan2_matches_the_formula_over_several_steps():

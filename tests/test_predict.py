@@ -45,10 +45,9 @@ def test_pass_at_2_by_hand_over_the_tasks_with_answers():
 def test_predict_writes_a_submission_for_tasks_with_and_without_answers(tiny_dataset, tmp_path, capsys, entry):
     overrides = tiny_overrides(tiny_dataset, tmp_path / "run", "max_steps=4")
     if entry == "encoder":
-        from encoders.config import EncoderTrainConfig
 
         overrides = [o.replace("experiment=E0v2", "experiment=E1v2") for o in overrides] + ["data.split=trm"]
-        train(*compose("cfg_pretrain_encoder", overrides, EncoderTrainConfig))
+        train(*compose("cfg_pretrain_encoder", overrides))
     else:
         train(*compose("cfg_pretrain", overrides))
     task = next(t for t in load_source("arc-agi-1/evaluation") if t.max_side <= 6)

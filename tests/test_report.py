@@ -13,8 +13,9 @@ def make_run(root, name, experiment, exact=None, preset="cpu", seed=0, step=1000
     """A run folder as training leaves it: config.yaml and summary.json (with ``step`` of ``total``)."""
     folder = root / name
     folder.mkdir(parents=True)
+    conditioner = "puzzle_embedding" if experiment.startswith("E0v2") else "demo_encoder"  # as the experiment states
     (folder / "config.yaml").write_text(yaml.safe_dump({"experiment": experiment, "preset": preset, "seed": seed,
-                                                        **(cfg or {})}))  # fmt: skip
+                                                        "arch": {"conditioner": conditioner}, **(cfg or {})}))  # fmt: skip
     if exact is not None:
         summary["eval/train/exact_accuracy"] = exact
     summary.setdefault("stop_reason", "finished" if step >= total else f"max_steps={step}")
@@ -68,7 +69,7 @@ def test_every_branch_of_the_decision_tree(tmp_path, accuracy, expected):
 def test_a_smoke_run_never_decides_unless_asked(tmp_path):
     make_run(tmp_path, "smoke", "E0v2", 0.1, step=5, total=1000)
     text, rows = report([load(d) for d in run_dirs([tmp_path])])
-    assert not rows and "| smoke | E0v2 | cpu | 0 | partial | 5 of 1000 | max_steps=5 |" in text
+    assert not rows and "| smoke | E0v2 | puzzle_embedding | cpu | 0 | partial | 5 of 1000 | max_steps=5 |" in text
     assert "Left out" in text and "smoke (partial)" in text
     assert verdict(tmp_path, True).startswith("- -> DEBUG BASELINE")  # --include-partial
     make_run(tmp_path, "full", "E0v2", 0.97)
@@ -123,7 +124,7 @@ def test_an_adapted_evaluation_is_a_row_of_its_own_and_stays_out_of_the_verdict(
     plain, tuned = (dict(zip(head, line)) for line in lines)
     assert plain["adaptation"] == "-" and tuned["adaptation"] == "all, 10 steps, lr 0.001, 4 copies"
     assert (plain["held-out pass@2"], tuned["held-out pass@2"], tuned["adaptation ms per task"]) == ("3.0%", "40.0%", "812")
-    assert "| P4-all10 | E0v2 | cpu | 0 | evaluation |" in text
+    assert "| P4-all10 | E0v2 | puzzle_embedding | cpu | 0 | evaluation |" in text
     assert "- E0v2: 95.0%" in text  # the adapted evaluation's 99 % is not E0v2's training result
 
 
@@ -178,7 +179,8 @@ def test_runs_of_a_wandb_project_join_the_local_ones(tmp_path, monkeypatch, caps
 
     class Run:
         def __init__(self, name, experiment, exact):
-            self.name, self.config = name, {"experiment": experiment, "preset": "cpu", "seed": 0}
+            self.name, self.config = name, {"experiment": experiment, "preset": "cpu", "seed": 0,
+                                              "arch": {"encoder_type": "standard"}}  # written before arch.conditioner
             self.summary = {"step": 10, "total_steps": 10, "eval/train/exact_accuracy": exact, "_wandb": {"runtime": 3}}
 
     api = types.SimpleNamespace(runs=lambda project: [Run("E1v2-online", "E1v2", 0.95)] if project == "me/proj" else [])
@@ -186,4 +188,21 @@ def test_runs_of_a_wandb_project_join_the_local_ones(tmp_path, monkeypatch, caps
     make_run(tmp_path / "runs", "E0v2", "E0v2", 0.97)
     main([str(tmp_path / "runs"), "--wandb", "me/proj", "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
-    assert "| E1v2-online | E1v2 | cpu | 0 | complete | 10 of 10 |" in out and "SUCCESS, PHASE 4: E1v2 matches" in out
+    assert "| E1v2-online | E1v2 | demo_encoder | cpu | 0 | complete | 10 of 10 |" in out and "SUCCESS, PHASE 4: E1v2 matches" in out
+
+
+def test_a_run_of_another_conditioner_under_the_controls_name_is_its_own_row_and_not_the_control(tmp_path):
+    """An encoder run named E0v2 (``pretrain_encoder.py experiment=E0v2 arch.conditioner=demo_encoder``,
+    or one written before the entry points refused it) beside the real control."""
+    make_run(tmp_path, "E0v2", "E0v2", 0.96)
+    make_run(tmp_path, "E0v2-encoder", "E0v2", 0.30, cfg={"arch": {"conditioner": "demo_encoder"}})
+    make_run(tmp_path, "E1v2", "E1v2", 0.95)
+    text, rows = report([load(d) for d in run_dirs([tmp_path])])
+    e0v2 = {r["conditioner"]: r for r in rows if r["experiment"] == "E0v2"}
+    assert set(e0v2) == {"puzzle_embedding", "demo_encoder"}
+    assert e0v2["puzzle_embedding"]["eval/train/exact_accuracy"] == 0.96 and "success" not in e0v2["puzzle_embedding"]
+    assert e0v2["demo_encoder"]["success"] == "failure"  # judged against the control, like any encoder run
+    assert "| E0v2 | demo_encoder | cpu | - | 0 | failure | 30.0% |" in text
+    assert "E0v2 ran the demo_encoder conditioner, not the plan's puzzle_embedding" in text
+    assert verdict(tmp_path) == "- -> SUCCESS, PHASE 4: E1v2 matches E0v2 (95.0% vs 96.0%): the encoder memorises like " \
+                                "the puzzle embedding; train on the full task set and score held-out tasks."

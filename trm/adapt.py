@@ -129,9 +129,10 @@ def adapt_context(model, conditioning: Conditioning, demos: dict[str, torch.Tens
 
 def check_target(cfg: AdaptConfig, model) -> None:
     """Fail at once (not at the first evaluation) on a target the model cannot adapt."""
-    if cfg.of_weights and not hasattr(model.conditioner, "encode_dense"):
-        raise InputError(f"eval.adapt.target={cfg.target} fine-tunes a demo encoder's weights, and this model "
-                         "has none (the puzzle embedding adapts with eval.adapt.target=context)")  # fmt: skip
+    if cfg.of_weights and not model.conditioner.can_fine_tune:
+        raise InputError(f"eval.adapt.target={cfg.target} fine-tunes weights per task on the leave-one-out "
+                         f"objective, which the {model.conditioner.name} conditioner does not support (it has no "
+                         "dense encoding of demonstrations); eval.adapt.target=context adapts its context")  # fmt: skip
 
 
 def leave_one_out(mask: torch.Tensor) -> torch.Tensor:
@@ -208,10 +209,10 @@ def _leave_one_out_objective(model, inputs, labels, mask, act_steps: int) -> tor
     """One task: () mean over its present pairs (A copies x D slots; inputs, labels (A, D, L),
     mask (A, D)) of each pair's loss given the context of its copy's other pairs."""
     A, D, _ = inputs.shape
-    encoder = model.conditioner
-    pairs = encoder.encode_dense(inputs, labels)  # (A, D, d)
-    others = pairs.unsqueeze(1).expand(A, D, D, pairs.shape[-1]).flatten(0, 1)  # (A * D views, D, d)
-    context = encoder.aggregate(others, encoder.select_demos(leave_one_out(mask).flatten(0, 1))).context
+    conditioner = model.conditioner
+    pairs = conditioner.encode_dense(inputs, labels)  # (A, D, ...)
+    others = pairs.unsqueeze(1).expand(A, D, *pairs.shape[1:]).flatten(0, 1)  # (A * D views, D, ...)
+    context = conditioner.context_of_pairs(others, leave_one_out(mask).flatten(0, 1)).context
     losses = pair_losses(model, inputs.flatten(0, 1), labels.flatten(0, 1), context, act_steps)  # (A * D,)
     weight = mask.flatten().to(losses.dtype)
     return (losses * weight).sum() / weight.sum().clamp_min(1)
@@ -220,9 +221,9 @@ def _leave_one_out_objective(model, inputs, labels, mask, act_steps: int) -> tor
 def _predict(model, inputs, demo_inputs, demo_labels, demo_mask):
     """One task's E examples (inputs (E, L); their demonstrations (E, D, L), demo_mask (E, D)) as
     evaluation predicts them: see :meth:`TinyRecursiveModel.predict`."""
-    encoder = model.conditioner
-    pairs = encoder.encode_dense(demo_inputs, demo_labels)  # (E, D, d)
-    return model.predict({"inputs": inputs}, encoder.aggregate(pairs, encoder.select_demos(demo_mask)))
+    conditioner = model.conditioner
+    pairs = conditioner.encode_dense(demo_inputs, demo_labels)  # (E, D, ...)
+    return model.predict({"inputs": inputs}, conditioner.context_of_pairs(pairs, demo_mask))
 
 
 def finetune(model, fit: dict[str, torch.Tensor], cfg: AdaptConfig, autocast):
@@ -232,7 +233,7 @@ def finetune(model, fit: dict[str, torch.Tensor], cfg: AdaptConfig, autocast):
     copies along the way, the one with the lowest objective is kept. Returns the weights
     (name -> (T, ...)) and the objectives (T,) before and after."""
     T = fit["fit_inputs"].shape[0]
-    prefix = "conditioner." if cfg.target == "encoder" else ""
+    prefix = "conditioner." if cfg.target == "encoder" else ""  # the conditioner's weights, or every weight
     weights = {name: p.detach()[None].repeat(T, *[1] * p.ndim)
                for name, p in model.named_parameters() if name.startswith(prefix)}  # fmt: skip
     act_steps = cfg.act_steps or model.arch.halt_max_steps

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import traceback
@@ -15,7 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pydantic import BaseModel
 
-from trm.config import ConfigError, TrainConfig, validate
+from trm.config import ConfigError, TrainConfig, conditioner_of, load_conditioners, validate
 from trm.errors import InputError, Interrupted
 from trm.rundir import default_run_name, flatten
 
@@ -38,40 +37,43 @@ def normalise_overrides(args: list[str]) -> list[str]:
     return out
 
 
-def resolve(cfg: DictConfig, schema: type[TrainConfig], choices: dict | None = None) -> tuple[TrainConfig, dict]:
-    """Validated config and its plain-dict form (saved as the run's config.yaml)."""
+# The two entry points: the script, and whether it trains the conditioners that read the task's
+# demonstrations (Conditioner.reads_demonstrations) or those learned per puzzle.
+ENTRY_POINTS = {"cfg_pretrain": ("pretrain.py", False), "cfg_pretrain_encoder": ("pretrain_encoder.py", True)}
+
+
+def resolve(cfg: DictConfig, config_name: str, choices: dict | None = None,
+            args: list[str] | None = None) -> tuple[TrainConfig, dict]:  # fmt: skip
+    """Validated config and its plain-dict form (saved as the run's config.yaml). A conditioner
+    that the entry point ``config_name`` does not train is refused first, naming the command that
+    trains it (``args``: the command line's overrides)."""
     raw = OmegaConf.to_container(cfg, resolve=True)
     choices = choices or {}
     for group in GROUPS_SELECTED_BY_NAME:
         raw[group] = choices.get(group)
     raw.setdefault("run_name", None)  # the run names it (trm.rundir.default_run_name)
-    return validate(raw, schema), raw
+    check_entry_point(config_name, raw, args)
+    return validate(raw), raw
 
 
-# The two entry points, so that an experiment given to the wrong one is told where it belongs.
-ENTRY_POINTS = {"cfg_pretrain": ("pretrain.py", "trm.config:TrainConfig"),
-                "cfg_pretrain_encoder": ("pretrain_encoder.py", "encoders.config:EncoderTrainConfig")}  # fmt: skip
+def check_entry_point(config_name: str, raw: dict, args: list[str] | None) -> None:
+    """Refuse, in one line, a conditioner that this entry point does not train (an unknown one is
+    left to validation, which lists the valid names)."""
+    from trm.model.conditioning import CONDITIONERS
+
+    load_conditioners()
+    name = conditioner_of(raw)
+    script, reads_demonstrations = ENTRY_POINTS[config_name]
+    if name not in CONDITIONERS or CONDITIONERS[name].reads_demonstrations == reads_demonstrations:
+        return
+    other = next(s for s, reads in ENTRY_POINTS.values() if reads != reads_demonstrations)
+    source = f"experiment {raw['experiment']}" if raw.get("experiment") else "this configuration"
+    command = " ".join(args) if args is not None else f"experiment={raw.get('experiment')}"
+    raise ConfigError(f"{source} uses arch.conditioner={name}, which {other} trains, not {script}: "
+                      f"python {other} {command}")  # fmt: skip
 
 
-def _schema(path: str) -> type[TrainConfig]:
-    module, name = path.split(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def _other_entry_point(config_name: str, overrides: list[str]) -> str | None:
-    """The script of the other entry point when the command line composes and validates there."""
-    for other, (script, schema) in ENTRY_POINTS.items():
-        if other == config_name:
-            continue
-        try:
-            compose(other, overrides, _schema(schema))
-        except Exception:  # noqa: BLE001 - any failure: not the other entry point's either
-            continue
-        return script
-    return None
-
-
-def run(config_name: str, schema: type[TrainConfig]) -> None:
+def run(config_name: str) -> None:
     """Compose ``config/<config_name>.yaml`` with the command line and train. A bad input, an
     interruption or a divergence ends with one line on stderr (``--debug`` or ``TRM_DEBUG=1``: the
     traceback). ``--help`` lists the experiments, presets and every key with its description.
@@ -84,7 +86,7 @@ def run(config_name: str, schema: type[TrainConfig]) -> None:
         os.environ["TRM_DEBUG"] = "1"
     if "--help" in args or "-h" in args:
         try:
-            print(help_text(config_name, schema, [a for a in args if "=" in a]))
+            print(help_text(config_name, [a for a in args if "=" in a]))
         except InputError as e:
             _fail(f"error: {e}", 1)
         return
@@ -100,13 +102,7 @@ def run(config_name: str, schema: type[TrainConfig]) -> None:
         sweeping = hydra_cfg.mode == RunMode.MULTIRUN
         job = ",".join(hydra_cfg.overrides.task)
         try:
-            try:
-                config, raw = resolve(cfg, schema, dict(hydra_cfg.runtime.choices))
-            except ConfigError as e:
-                script = _other_entry_point(config_name, [a for a in args if "=" in a])
-                if script:
-                    raise ConfigError(f"this configuration is for {script}: python {script} {' '.join(args)}") from e
-                raise
+            config, raw = resolve(cfg, config_name, dict(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task))
             if sweeping:
                 for key, value in sweep_run_name(raw, list(hydra_cfg.overrides.task), swept).items():
                     raw[key] = value
@@ -166,9 +162,9 @@ def sweep_run_name(raw: dict, job_overrides: list[str], swept: list[str]) -> dic
     return {"run_name": default_run_name(raw, suffix.replace("/", "_"))}
 
 
-def help_text(config_name: str, schema: type[TrainConfig], overrides: list[str]) -> str:
+def help_text(config_name: str, overrides: list[str]) -> str:
     """The experiments, presets and other config groups, then every key with its value under
-    ``overrides`` and its one-line description from the schema."""
+    ``overrides`` and its one-line description from the schema (``arch``: its conditioner's)."""
     script = ENTRY_POINTS[config_name][0]
     groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in sorted(Path(CONFIG_DIR).iterdir()) if p.is_dir()}
     lines = [f"usage: python {script} [experiment=NAME] [preset=NAME] [KEY=VALUE ...] [-m KEY=A,B ...] [--debug]",
@@ -176,21 +172,22 @@ def help_text(config_name: str, schema: type[TrainConfig], overrides: list[str])
     lines += [f"{name}=...: {', '.join(options)}" for name, options in groups.items()]
     lines += ["", "Keys (value with the overrides given; KEY=VALUE changes one; --hydra-help: Hydra's own help):"]
     try:
-        _, raw = compose(config_name, overrides, schema)
+        cfg, raw = compose(config_name, overrides)
     except HydraException as e:  # an unknown experiment or preset: Hydra's message, on one line
         raise InputError(" ".join(line.strip() for line in str(e).split("Config search path")[0].splitlines() if line.strip()))
     values = flatten(raw)
-    rows = [(key, values.get(key, "-"), description) for key, description in schema_keys(schema)]
+    rows = [(key, values.get(key, "-"), description) for key, description in schema_keys(TrainConfig, arch=type(cfg.arch))]
     width = min(44, max(len(f"{k} = {v}") for k, v, _ in rows))
     lines += [f"  {f'{k} = {v}':<{width}}  # {d}" for k, v, d in rows]
     return "\n".join(lines)
 
 
-def schema_keys(schema, prefix: str = "") -> list[tuple[str, str]]:
-    """(dotted key, description) of every leaf of a config schema, nested configs expanded."""
+def schema_keys(schema, prefix: str = "", arch: type[BaseModel] | None = None) -> list[tuple[str, str]]:
+    """(dotted key, description) of every leaf of a config schema, nested configs expanded (``arch``
+    with the given schema, a conditioner's, instead of the core's alone)."""
     out = []
     for name, field in schema.model_fields.items():
-        kind = field.annotation
+        kind = arch if (name == "arch" and arch is not None and not prefix) else field.annotation
         if isinstance(kind, type) and issubclass(kind, BaseModel):
             out += schema_keys(kind, f"{prefix}{name}.")
         else:
@@ -198,7 +195,7 @@ def schema_keys(schema, prefix: str = "") -> list[tuple[str, str]]:
     return out
 
 
-def compose(config_name: str, overrides: list[str], schema: type[TrainConfig] = TrainConfig) -> tuple[TrainConfig, dict]:
+def compose(config_name: str, overrides: list[str]) -> tuple[TrainConfig, dict]:
     """Compose and validate a config as the command line would, without running (tests, tools)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -210,4 +207,4 @@ def compose(config_name: str, overrides: list[str], schema: type[TrainConfig] = 
         choices = dict(cfg.hydra.runtime.choices)
         with open_dict(cfg):
             del cfg["hydra"]
-    return resolve(cfg, schema, choices)
+    return resolve(cfg, config_name, choices, overrides)

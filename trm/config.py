@@ -11,50 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator
 
 from trm.data.build import BuildOptions
 from trm.errors import InputError
+from trm.model.config import ArchConfig, Strict, validate_arch
 
 
 class ConfigError(InputError, ValueError):
     """The composed configuration does not fit the schema; the message names each key at fault."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ArchConfig(Strict):
-    """The recursive core (TRM). Names follow the published configuration."""
-
-    name: Literal["trm"] = Field("trm", description="the model (one kind: the recursive core)")
-    hidden_size: int = Field(512, ge=8, description="width of tokens, context and z states")
-    num_heads: int = Field(8, ge=1, description="attention heads (hidden_size / heads must be even)")
-    expansion: float = Field(4.0, gt=0, description="SwiGLU width relative to hidden_size")
-    L_layers: int = Field(2, ge=1, description="blocks in the one shared stack")
-    H_cycles: int = Field(3, ge=1, description="outer cycles per supervision step; all but the last without gradient")
-    L_cycles: int = Field(4, ge=1, description="z_L updates per outer cycle")
-    puzzle_emb_len: int = Field(16, ge=1, description="context positions prepended to the grid")
-    rope_theta: float = Field(10000.0, description="rotary position base")
-    rms_norm_eps: float = Field(1e-5, description="epsilon of the RMS norms")
-    mlp_t: bool = Field(False, description="replace attention by a SwiGLU over the sequence axis")
-    halt_max_steps: int = Field(16, ge=1, description="ACT supervision steps per example at most (all of them in evaluation)")
-    halt_exploration_prob: float = Field(0.1, ge=0, le=1, description="chance that a slot first draws a minimum number of steps")
-    no_ACT_continue: bool = Field(True, description="halt on q_halt > 0 (true) or q_halt > q_continue")
-    forward_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="autocast dtype of the forward pass (auto: bfloat16 on CUDA, float32 on CPU)")
-
-    @property
-    def conditioner(self) -> str:
-        """Registry name of the task conditioner (trm.model.conditioning.CONDITIONERS)."""
-        return "puzzle_embedding"
-
-    @model_validator(mode="after")
-    def _heads_divide_hidden(self):
-        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
-            raise ValueError(f"hidden_size {self.hidden_size} must split into {self.num_heads} heads of even width")
-        return self
 
 
 class DataConfig(BuildOptions):
@@ -128,8 +93,16 @@ class EarlyStopRule(Strict):
     at_fraction: float = Field(gt=0, le=1, description="checked at evaluations from this fraction of the steps on")
 
 
+def load_conditioners() -> None:
+    """Register the built-in conditioners: the puzzle embedding and the demonstration conditioners
+    of the package ``encoders``. A conditioner defined elsewhere registers itself when its module
+    is imported."""
+    import encoders  # noqa: F401
+    import trm.model.puzzle_embedding  # noqa: F401
+
+
 class TrainConfig(Strict):
-    arch: ArchConfig = Field(default_factory=ArchConfig)
+    arch: SerializeAsAny[ArchConfig] = Field(default_factory=ArchConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
@@ -186,6 +159,13 @@ class TrainConfig(Strict):
         False, description="with several ranks, reduce dense gradients with DistributedDataParallel (bucketed, "
         "overlapped with the backward pass) instead of one all-reduce after it")
 
+    @field_validator("arch", mode="before")
+    @classmethod
+    def _arch_of_its_conditioner(cls, value):
+        """``arch`` is validated by the schema of the conditioner it names (its keys and the core's)."""
+        load_conditioners()
+        return validate_arch(value)
+
 
 EARLY_STOP = "early stop"  # how an early_stop rule's stop reason begins
 
@@ -222,13 +202,39 @@ def _format_errors(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def validate(raw: dict[str, Any], schema: type[TrainConfig] = TrainConfig) -> TrainConfig:
-    """Validate a plain dict (a resolved Hydra config) against ``schema``."""
-    raw = {k: v for k, v in raw.items() if k not in ("hydra", "experiment", "preset")}  # names, not settings
+NAMES = ("hydra", "experiment", "preset")  # in a run's config.yaml, names of what was chosen, not settings
+
+
+def validate(raw: dict[str, Any]) -> TrainConfig:
+    """Validate a plain dict (a resolved Hydra config, or a stored one after :func:`upgrade`)."""
     try:
-        return schema.model_validate(raw)
+        return TrainConfig.model_validate({k: v for k, v in raw.items() if k not in NAMES})
     except ValidationError as e:
         raise ConfigError(f"invalid configuration:\n{_format_errors(e)}") from None
+
+
+def conditioner_of(raw: dict[str, Any]) -> str:
+    """The conditioner a plain config names (``arch.conditioner``, or the schema's default)."""
+    return (raw.get("arch") or {}).get("conditioner", ArchConfig.model_fields["conditioner"].default)
+
+
+# Keys of the demonstration encoders that were top-level before they moved into arch.
+_MOVED_INTO_ARCH = ("encoder_lr_scale", "encoder_lr_warmup_steps")
+
+
+def upgrade(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config stored before ``arch.conditioner`` existed (a run's config.yaml, a checkpoint's
+    config), in today's form: the conditioner named as the entry point that wrote it chose it
+    (``demo_encoder`` where ``arch`` holds the encoder's keys, else ``puzzle_embedding``), and the
+    encoder's learning-rate keys moved from the top level into ``arch``. A config of today comes
+    back unchanged (a copy)."""
+    raw = {**raw, "arch": dict(raw.get("arch") or {})}
+    if "conditioner" not in raw["arch"]:
+        raw["arch"]["conditioner"] = "demo_encoder" if "encoder_type" in raw["arch"] else "puzzle_embedding"
+    for key in _MOVED_INTO_ARCH:
+        if key in raw:
+            raw["arch"][key] = raw.pop(key)
+    return raw
 
 
 @dataclass(frozen=True)

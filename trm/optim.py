@@ -1,13 +1,11 @@
-"""Optimisers and the learning-rate schedule."""
+"""The dense optimiser (AdamATan2) and the learning-rate schedule. A conditioner brings its own
+sparse optimiser where it has one (:meth:`trm.model.conditioning.Conditioner.sparse_optimizer`)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.distributed as dist
-
-from trm.model.conditioning import PuzzleEmbedding
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -70,52 +68,3 @@ class AdamATan2(torch.optim.Optimizer):
             updates = [torch.atan2(m, d) for m, d in zip(exp_avgs, denom)]
             torch._foreach_add_(params, updates, alpha=-lr / (1 - b1**t))
             undo_where_skipped_(ok, touched, before)
-
-
-class SparseSignSGD:
-    """Sign-SGD with decoupled weight decay on the rows of a :class:`PuzzleEmbedding` looked up in
-    the step: p <- p * (1 - lr * wd) - lr * sign(g), where g sums the gradients of equal ids over
-    the whole global batch (all ranks)."""
-
-    def __init__(self, embedding: PuzzleEmbedding, lr: float, weight_decay: float):
-        self.embedding, self.lr, self.weight_decay = embedding, lr, weight_decay
-
-    def gathered_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(ids (N,), per-row gradients (N, dim)) of the global batch, or None before a lookup."""
-        if self.embedding.looked_up is None or self.embedding.looked_up[1].grad is None:
-            return None
-        ids, rows = self.embedding.looked_up
-        grad = rows.grad
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            world = dist.get_world_size()
-            all_ids = [torch.empty_like(ids) for _ in range(world)]
-            all_grads = [torch.empty_like(grad) for _ in range(world)]
-            dist.all_gather(all_ids, ids.contiguous())
-            dist.all_gather(all_grads, grad.contiguous())
-            ids, grad = torch.cat(all_ids), torch.cat(all_grads)
-        return ids, grad
-
-    @torch.no_grad()
-    def step(self, gathered: tuple[torch.Tensor, torch.Tensor] | None = None, ok: torch.Tensor | None = None):
-        """One update of the rows in ``gathered``; none where ``ok`` (0-dim bool) is False."""
-        gathered = gathered or self.gathered_grad()
-        if gathered is None:
-            return
-        ids, grad = gathered
-        # Sum the gradients of equal ids with an (N, N) equality matrix: no data-dependent shapes,
-        # so no host-device synchronisation. Duplicate ids then write identical rows.
-        same = (ids[:, None] == ids[None, :]).to(grad.dtype)
-        summed = same @ grad
-        table = self.embedding.weight
-        old = table[ids]
-        rows = old * (1 - self.lr * self.weight_decay) - self.lr * torch.sign(summed)
-        if ok is not None:
-            rows = torch.where(ok, rows, old)
-        table.index_copy_(0, ids.long(), rows.to(table.dtype))
-        self.embedding.looked_up = None
-
-    def state_dict(self) -> dict:
-        return {}  # stateless: the table itself is saved with the model
-
-    def load_state_dict(self, state: dict) -> None:
-        pass

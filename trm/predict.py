@@ -35,10 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from encoders.config import EncoderTrainConfig
 from trm import checkpoint
 from trm.adapt import check_target
-from trm.config import AdaptConfig, TrainConfig
+from trm.config import AdaptConfig, TrainConfig, upgrade, validate
 from trm.data.build import write_prediction_split
 from trm.data.dataset import ArcSplit
 from trm.data.grids import VOCAB_SIZE
@@ -50,21 +49,30 @@ from trm.train import build_model, fast_path
 FALLBACK = [[0]]  # an attempt where fewer than two non-empty grids were predicted
 
 
-def load_run(path: str, device: torch.device):
+def load_run(path: str, device: torch.device) -> tuple[torch.nn.Module, TrainConfig]:
     """The model of a checkpoint (EMA weights where it has them) and its validated config."""
     file, state = checkpoint.read_weights_file(path)
     if not isinstance(state, dict) or "config" not in state:
         raise InputError(f"{file}: not a checkpoint of this framework (no config inside)")
-    raw = state["config"]
-    schema = EncoderTrainConfig if "encoder_type" in raw.get("arch", {}) else TrainConfig
-    cfg = schema.model_validate({k: v for k, v in raw.items() if k in schema.model_fields})  # not the choices
-    size = cfg.data.max_grid_size
-    table = state["model"].get("conditioner.weight")
-    meta = {"vocab_size": VOCAB_SIZE, "grid_size": size, "seq_len": size * size,
-            "num_puzzle_identifiers": table.shape[0] if table is not None else 1}  # fmt: skip
-    model = build_model(cfg, meta)
+    try:
+        cfg = validate(upgrade(state["config"]))
+    except InputError as e:
+        raise InputError(f"{file}: its config does not validate here ({e})") from None
+    model = build_model(cfg, model_metadata(state, cfg))
     checkpoint.apply_weights(model, state["model"], state.get("ema"), path)
     return model.to(device).eval(), cfg
+
+
+def model_metadata(state: dict, cfg: TrainConfig) -> dict:
+    """What the model was built from (the dataset's metadata, saved with every checkpoint; before it
+    was saved, the vocabulary and canvas come from the config and the number of puzzle ids from the
+    size of the puzzle-embedding table, where the model has one)."""
+    if "metadata" in state:
+        return state["metadata"]
+    size = cfg.data.max_grid_size
+    table = state["model"].get("conditioner.weight")
+    return {"vocab_size": VOCAB_SIZE, "grid_size": size, "seq_len": size * size,
+            "num_puzzle_identifiers": table.shape[0] if table is not None else 1}  # fmt: skip
 
 
 def submission(tasks: list[ArcTask], records) -> dict[str, list[dict]]:

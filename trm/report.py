@@ -40,10 +40,14 @@ import numpy as np
 import yaml
 
 from trm.checkpoint import write_text_atomic
-from trm.config import stopped_early
+from trm.config import conditioner_of, stopped_early, upgrade
 from trm.errors import InputError
 
 E0V2_SUCCESS, MATCH, GOOD, PARTIAL = 0.9, 0.05, 0.8, 0.5
+# The conditioner each of the plan's experiments states: the control E0v2 is the puzzle-embedding
+# TRM, every other one the demo encoder. A run of another conditioner under a plan name is a row of
+# its own and never stands for that experiment in the verdict.
+CONTROL, CONTROL_CONDITIONER, PLAN_CONDITIONER = "E0v2", "puzzle_embedding", "demo_encoder"
 RELIANCE_FLOOR = 0.1  # below: the model scores about as well with another task's context
 PHASE3 = ("E4_lower_lr", "E5_grad_clip", "E6_combined", "E7_attention")
 PHASE2 = ("E2_lpn", "E3_lpn_var")
@@ -123,6 +127,7 @@ def make_run(name: str, path: Path | None, cfg: dict, summary: dict) -> dict:
     """What the report knows of a run: its summary, a few config keys, adaptation and status."""
     adapt = (cfg.get("eval") or {}).get("adapt") or {}
     run = {"name": name, "path": path, "experiment": cfg.get("experiment") or "-",
+           "conditioner": conditioner_of(upgrade(cfg)) if cfg else summary.get("conditioner", "-"),
            "preset": cfg.get("preset") or "-", "seed": cfg.get("seed"), **summary}  # fmt: skip
     if "time/train_seconds" in summary:
         run["time/train_minutes"] = summary["time/train_seconds"] / 60
@@ -172,15 +177,23 @@ def plan_name(experiment: str) -> tuple[str, str]:
     return experiment, "arc"
 
 
+def stands_for(row: dict) -> str | None:
+    """The plan experiment a row is, for the verdict: its plan name where it ran the conditioner
+    that experiment states (:data:`PLAN_CONDITIONER`), else None."""
+    wanted = CONTROL_CONDITIONER if row["plan"] == CONTROL else PLAN_CONDITIONER
+    return row["plan"] if row["conditioner"] == wanted else None
+
+
 def aggregate(runs: list[dict]) -> list[dict]:
-    """One row per (experiment, preset, adaptation): each metric's mean over the seeds, its spread
-    (max - min) under ``<metric>~``, and the seeds."""
+    """One row per (experiment, conditioner, preset, adaptation): each metric's mean over the seeds,
+    its spread (max - min) under ``<metric>~``, and the seeds."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in runs:
-        groups[(r["experiment"], r["preset"], r.get("adaptation", ""))].append(r)
+        groups[(r["experiment"], r["conditioner"], r["preset"], r.get("adaptation", ""))].append(r)
     rows = []
-    for (experiment, preset, adaptation), members in groups.items():
-        row = {"experiment": experiment, "preset": preset, "adaptation": adaptation, "seeds": [m["seed"] for m in members]}
+    for (experiment, conditioner, preset, adaptation), members in groups.items():
+        row = {"experiment": experiment, "conditioner": conditioner, "preset": preset, "adaptation": adaptation,
+               "seeds": [m["seed"] for m in members]}  # fmt: skip
         keys = {k for m in members for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         for k in keys - {"seed"}:
             values = [m[k] for m in members if isinstance(m.get(k), (int, float))]
@@ -191,11 +204,11 @@ def aggregate(runs: list[dict]) -> list[dict]:
     for r in rows:
         r["plan"], r["benchmark"] = plan_name(r["experiment"])
     baseline = {(r["preset"], r["benchmark"]): r.get("eval/train/exact_accuracy") for r in rows
-                if r["plan"] == "E0v2" and not r["adaptation"]}  # fmt: skip
+                if stands_for(r) == CONTROL and not r["adaptation"]}  # fmt: skip
     for r in rows:
-        if r["plan"] != "E0v2" and not r["adaptation"]:
+        if stands_for(r) != CONTROL and not r["adaptation"]:
             r["success"] = success_level(r.get("eval/train/exact_accuracy"), baseline.get((r["preset"], r["benchmark"])))
-    return sorted(rows, key=lambda r: (r["preset"], r["experiment"], r["adaptation"]))
+    return sorted(rows, key=lambda r: (r["preset"], r["experiment"], r["conditioner"], r["adaptation"]))
 
 
 def success_level(accuracy: float | None, baseline: float | None) -> str:
@@ -216,9 +229,9 @@ def decide(rows: list[dict]) -> list[str]:
     figures it read, then '-> VERDICT: why; next'. A success whose training-set context reliance
     is under RELIANCE_FLOOR is flagged: the core then recognises each task from its test input and
     ignores the context, so the run does not show that the context carries the task."""
-    acc = {r["plan"]: r["eval/train/exact_accuracy"] for r in rows
-           if not r["adaptation"] and "eval/train/exact_accuracy" in r}  # fmt: skip
-    by_name = {r["plan"]: r for r in rows if not r["adaptation"]}
+    plan_rows = [r for r in rows if not r["adaptation"] and stands_for(r)]
+    acc = {r["plan"]: r["eval/train/exact_accuracy"] for r in plan_rows if "eval/train/exact_accuracy" in r}
+    by_name = {r["plan"]: r for r in plan_rows}
 
     def say(e: str) -> str:
         if e not in acc:
@@ -237,6 +250,9 @@ def decide(rows: list[dict]) -> list[str]:
         return e in acc and success_level(acc[e], acc.get("E0v2")).startswith("minimal")
 
     out = [say("E0v2")]
+    out += [f"{r['experiment']} ran the {r['conditioner']} conditioner, not the plan's "
+            f"{CONTROL_CONDITIONER if r['plan'] == CONTROL else PLAN_CONDITIONER}: a row of its own, not read here"
+            for r in rows if not r["adaptation"] and not stands_for(r) and r["plan"] in (CONTROL, "E1v2", "E_diag1", *PHASE3, *PHASE2)]  # fmt: skip
     if "E0v2" not in acc:
         return out + ["-> RUN PHASE 1: no complete E0v2 run; run E0v2, E1v2 and E_diag1 (in parallel) first."]
     if acc["E0v2"] < E0V2_SUCCESS:
@@ -309,21 +325,21 @@ def cell(row: dict, key: str, fmt: str) -> str:
 def table(rows: list[dict]) -> str:
     columns = COLUMNS[:8] + set_columns(rows) + COLUMNS[8:]
     columns = [c for c in columns if any(c[1] in r for r in rows)]  # no column that no row has
-    head = ["experiment", "preset", "adaptation", "seeds", "success level"] + [c for c, _, _ in columns]
+    head = ["experiment", "conditioner", "preset", "adaptation", "seeds", "success level"] + [c for c, _, _ in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         seeds = ",".join(str(s) for s in r["seeds"])
-        cells = [r["experiment"], r["preset"], r["adaptation"] or "-", seeds, r.get("success", "-")]
+        cells = [r["experiment"], r["conditioner"], r["preset"], r["adaptation"] or "-", seeds, r.get("success", "-")]
         lines.append("| " + " | ".join(cells + [cell(r, key, fmt) for _, key, fmt in columns]) + " |")
     return "\n".join(lines)
 
 
 def run_list(runs: list[dict]) -> str:
-    lines = ["| run | experiment | preset | seed | status | steps | stop reason |", "|" + " --- |" * 7]
+    lines = ["| run | experiment | conditioner | preset | seed | status | steps | stop reason |", "|" + " --- |" * 8]
     for r in runs:
         steps = f"{r['step']:.0f} of {r['total_steps']:.0f}" if "total_steps" in r else str(r.get("step", "-"))
-        lines.append(f"| {r['name']} | {r['experiment']} | {r['preset']} | {r['seed']} | {r['status']} | {steps} | "
-                     f"{r.get('stop_reason', '-')} |")  # fmt: skip
+        lines.append(f"| {r['name']} | {r['experiment']} | {r['conditioner']} | {r['preset']} | {r['seed']} | {r['status']} | "
+                     f"{steps} | {r.get('stop_reason', '-')} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import yaml
 
 from trm import checkpoint
-from trm.config import stopped_early
+from trm.config import NAMES, stopped_early, upgrade, validate
 from trm.errors import InputError
 from trm.filelock import exclusive
 
@@ -121,8 +121,9 @@ def inspect(cfg, raw: dict, last_step: int) -> RunDir:
     if not cfg.resume:
         raise RunDirError(f"run directory {path} holds checkpoints and resume=false: pick another +run_name=... "
                           "or run_dir=..., or delete it")  # fmt: skip
-    stored = _read_config(path / "config.yaml")
-    changes = changed_keys(stored, raw, RESUMABLE_KEYS + (EXTEND_KEYS if cfg.extend else ()))
+    stored = _settings(path / "config.yaml")
+    new = {**{n: raw.get(n) for n in NAMES if n in raw}, **cfg.model_dump()}
+    changes = changed_keys(stored, new, RESUMABLE_KEYS + (EXTEND_KEYS if cfg.extend else ()))
     if changes:
         hint = "" if cfg.extend else " (extend=true also allows: " + ", ".join(EXTEND_KEYS) + ")"
         raise RunDirError(f"cannot resume {path}: the config differs from the stored one{hint}\n  " + "\n  ".join(changes))
@@ -131,7 +132,7 @@ def inspect(cfg, raw: dict, last_step: int) -> RunDir:
     ended = _read_json(summary) if summary.is_file() else {}
     early = stopped_early(ended)
     finished = bool(ended) and (step >= last_step or early) and not ended.get("diverged")
-    longer = bool(changed_keys(stored, raw, RESUMABLE_KEYS))  # only EXTEND_KEYS can differ here
+    longer = bool(changed_keys(stored, new, RESUMABLE_KEYS))  # only EXTEND_KEYS can differ here
     return RunDir(path, "finished" if finished and not cfg.extend else "resume", auto, step, longer)
 
 
@@ -156,6 +157,18 @@ def _read_config(path: Path) -> dict:
     if not isinstance(value, dict):
         raise RunDirError(f"{path} does not hold a config mapping")
     return value
+
+
+def _settings(path: Path) -> dict:
+    """What a stored config.yaml sets, as the command's config is compared with it: validated (a key
+    added since gets its default, as it gets in the command's config) after :func:`trm.config.upgrade`
+    (a config of an earlier version in today's form), plus the experiment and preset names."""
+    raw = upgrade(_read_config(path))
+    try:
+        cfg = validate(raw)
+    except InputError as e:
+        raise RunDirError(f"cannot resume {path.parent}: its stored config {path} does not validate here ({e})") from None
+    return {**{n: raw.get(n) for n in NAMES if n in raw}, **cfg.model_dump()}
 
 
 def finished_summary(run: RunDir) -> dict:

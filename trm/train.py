@@ -37,9 +37,9 @@ from trm.errors import Interrupted
 from trm.evaluate import evaluate_model
 from trm.logger import RunLogger
 from trm.losses import act_loss
-from trm.model.conditioning import CONDITIONERS, PuzzleEmbedding
+from trm.model.conditioning import CONDITIONERS
 from trm.model.trm import Carry, TinyRecursiveModel
-from trm.optim import AdamATan2, SparseSignSGD, lr_at
+from trm.optim import AdamATan2, lr_at
 
 # Metrics summed over slots and divided by the number of halted samples when logged.
 PER_HALTED = ("accuracy", "exact_accuracy", "q_halt_accuracy", "steps")
@@ -48,30 +48,27 @@ HEADLINE = ("/exact_accuracy", "/exact_accuracy_wrong_context", "/context_relian
 
 
 def build_model(cfg: TrainConfig, metadata: dict) -> TinyRecursiveModel:
+    """The core and the conditioner ``arch.conditioner`` for a dataset's ``metadata``."""
     arch = cfg.arch
-    conditioner = CONDITIONERS.get_valid(arch.conditioner)(arch, metadata)
+    conditioner = CONDITIONERS.get_valid(arch.conditioner).build(arch, metadata)
     return TinyRecursiveModel(arch, conditioner, metadata["vocab_size"], metadata["seq_len"])
 
 
 class Optimisers:
-    """AdamATan2 on the dense weights: the core, and the conditioner's own (encoders) in a group
-    with ``encoder_lr_scale`` and ``encoder_lr_warmup_steps`` where the config has them; for a
-    puzzle-embedding conditioner, sparse sign-SGD on its table. Frozen weights are left out."""
+    """AdamATan2 on the dense weights: the core's, then the conditioner's own groups with their
+    learning-rate scales and warm-ups (:meth:`Conditioner.param_groups`); and the conditioner's
+    sparse optimiser where it has one (the puzzle embedding's sign-SGD). Frozen weights are left out."""
 
     def __init__(self, cfg: TrainConfig, model: TinyRecursiveModel):
         self.cfg = cfg
         self.core_params = [p for p in model.core.parameters() if p.requires_grad]
-        self.cond_params = [p for p in model.conditioner.parameters() if p.requires_grad]
+        cond_groups = model.conditioner.param_groups()
+        self.cond_params = [p for g in cond_groups for p in g.params]
         groups = [{"params": self.core_params, "name": "lr", "lr_scale": 1.0, "warmup": cfg.lr_warmup_steps}]
-        if self.cond_params:
-            warmup = getattr(cfg, "encoder_lr_warmup_steps", None)
-            groups.append({"params": self.cond_params, "name": "encoder_lr",
-                           "lr_scale": getattr(cfg, "encoder_lr_scale", 1.0),
-                           "warmup": cfg.lr_warmup_steps if warmup is None else warmup})  # fmt: skip
+        groups += [{"params": g.params, "name": g.name, "lr_scale": g.lr_scale,
+                    "warmup": cfg.lr_warmup_steps if g.warmup is None else g.warmup} for g in cond_groups]  # fmt: skip
         self.dense = AdamATan2(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-        self.sparse = None
-        if isinstance(model.conditioner, PuzzleEmbedding):
-            self.sparse = SparseSignSGD(model.conditioner, cfg.puzzle_emb_lr, cfg.puzzle_emb_weight_decay)
+        self.sparse = model.conditioner.sparse_optimizer(cfg.puzzle_emb_lr, cfg.puzzle_emb_weight_decay)
 
     def set_lr(self, step: int, total: int) -> dict[str, float]:
         """Set every group's lr for ``step``; returns them as train/<group> metrics."""
@@ -80,8 +77,8 @@ class Optimisers:
             g["lr"] = lr_at(step, c.lr * c.lr_scale * g["lr_scale"], g["warmup"], total, c.lr_min_ratio)
             lrs[f"train/{g['name']}"] = g["lr"]
         if self.sparse is not None:
-            self.sparse.lr = lr_at(step, c.puzzle_emb_lr * c.lr_scale, c.lr_warmup_steps, total, c.lr_min_ratio)
-            lrs["train/puzzle_emb_lr"] = self.sparse.lr
+            self.sparse.lr = lr_at(step, self.sparse.base_lr * c.lr_scale, c.lr_warmup_steps, total, c.lr_min_ratio)
+            lrs[f"train/{self.sparse.name}"] = self.sparse.lr
         return lrs
 
     def state_dict(self) -> dict:
@@ -249,8 +246,7 @@ def fast_path(cfg: TrainConfig, model: TinyRecursiveModel, device: torch.device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     if cfg.compile is True or (cfg.compile == "auto" and cuda):
         model.core.compile()
-        if hasattr(model.conditioner, "compile_pairs"):
-            model.conditioner.compile_pairs()
+        model.conditioner.compile_parts()
     name = cfg.arch.forward_dtype
     if name == "auto":
         name = "bfloat16" if cuda else "float32"
@@ -390,7 +386,8 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
     def save():
         nonlocal saved_at
         shared = {"model": model.state_dict(), "optimisers": opt.state_dict(), "ema": ema and ema.state_dict(),
-                  "sampler": feed.state_dict(), "step": step, "skipped_steps": skips.total(), "config": raw_config}  # fmt: skip
+                  "sampler": feed.state_dict(), "step": step, "skipped_steps": skips.total(), "config": raw_config,
+                  "metadata": train_split.meta}  # fmt: skip
         own = {"carry": carry and carry.state_dict(), "rng": checkpoint.rng_state()}
         saved_at = step
         return checkpoint.save(run_dir / "checkpoints", step, shared, own, env, cfg.keep_checkpoints)
@@ -469,6 +466,7 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
     elapsed = time.perf_counter() - start
     summary = {
         **last_train, **last_eval, "step": step, "total_steps": plan.total_steps, "parameters": n_params,
+        "conditioner": cfg.arch.conditioner,
         "stop_reason": stop_reason or ("finished" if step >= plan.total_steps else f"max_steps={cfg.max_steps}"),
         "time/train_seconds": elapsed, "time/steps_per_sec": (step - start_step) / max(elapsed, 1e-9),
     }  # fmt: skip

@@ -2,77 +2,147 @@
 
 A *conditioner* turns a batch into context tokens that the core prepends to the grid:
 
-    context: (B, puzzle_emb_len, hidden), in the units of the core's scaled token embeddings
+    context: (B, P, hidden), in the units of the core's scaled token embeddings
 
 plus auxiliary losses (already weighted, summed over the batch, added to the training loss and
-logged as ``train/<name>`` per sample) and metrics ((sum, count) pairs, logged as sum / count). The core never knows where the context came from.
+logged as ``train/<name>`` per sample) and metrics ((sum, count) pairs, logged as sum / count). The
+core never knows where the context came from.
 
-Implementations register with :func:`register_conditioner`; this module holds the learned puzzle
-embedding of the original TRM, the package ``encoders`` the demonstration encoders.
+Everything the training loop, the optimisers, test-time adaptation, prediction and the benchmarks
+need from a conditioner is asked of :class:`Conditioner` (its parameter groups, a sparse optimiser,
+compilation, a dense encoding for per-task fine-tuning, what the batch must carry); none of them
+tests which kind it holds. A conditioner is one file: a subclass registered under its name with
+:func:`register_conditioner`, chosen by ``arch.conditioner``. This package holds the learned puzzle
+embedding of the original TRM (:mod:`trm.model.puzzle_embedding`); the package ``encoders`` holds
+the demonstration conditioners.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from trm.model.config import ArchConfig
 from trm.registry import Registry
 
 
 @dataclass
 class Conditioning:
-    context: torch.Tensor  # (B, puzzle_emb_len, hidden)
+    context: torch.Tensor  # (B, P, hidden)
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> weighted sum over batch
     metrics: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> (sum, count)
 
 
-class Conditioner(nn.Module):
-    """Base class. ``demos`` says what the batch must carry of the demonstrations: None (nothing),
-    ``"padded"`` (demo_inputs, demo_labels, demo_mask on the canvas), or a pair layout
-    (``"sequence"``, ``"overlay"``: ``demos``, the pairs packed for that layout)."""
+@dataclass
+class ParamGroup:
+    """Dense weights of a conditioner, stepped by the core's optimiser at ``lr_scale`` x the run's
+    learning rate and warmed up over ``warmup`` steps (None: the run's ``lr_warmup_steps``); the
+    rate in use is logged as ``train/<name>``."""
 
+    name: str
+    params: list[nn.Parameter]
+    lr_scale: float = 1.0
+    warmup: int | None = None
+
+
+class SparseOptimizer(Protocol):
+    """An optimiser of weights updated row by row from what a step looked up (the puzzle-embedding
+    table): the loop sets ``lr`` from ``base_lr`` on the run's schedule (logged as
+    ``train/<name>``), gathers the gradient over ranks (before clipping and the finite check), then
+    steps with it."""
+
+    name: str
+    base_lr: float
+    lr: float
+
+    def gathered_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+
+    def step(self, gathered: tuple[torch.Tensor, torch.Tensor] | None, ok: torch.Tensor | None) -> None: ...
+
+
+class Conditioner(nn.Module):
+    """Base class of every conditioner.
+
+    Class attributes, read before one is built:
+    - ``reads_demonstrations``: whether it computes the context from the task's demonstration pairs
+      (``pretrain_encoder.py`` trains it) or learns it per puzzle (``pretrain.py``);
+    - ``arch_schema``: the schema of ``arch`` with this conditioner (its own keys beside the core's).
+
+    Instance attributes:
+    - ``demos``: what the batch must carry of the demonstrations: None (nothing), ``"padded"``
+      (demo_inputs, demo_labels, demo_mask on the canvas), or a pair layout (``"sequence"``,
+      ``"overlay"``: ``demos``, the pairs packed for that layout; :mod:`trm.data.demos`);
+    - ``context_positions``: how many leading context positions it fills (None: all); test-time
+      search of the context moves only those.
+    """
+
+    name: ClassVar[str] = ""  # its registry name, set by register_conditioner
+    reads_demonstrations: ClassVar[bool] = True
+    arch_schema: ClassVar[type[ArchConfig]] = ArchConfig
     demos: str | None = None
-    context_positions: int | None = None  # positions of the context it fills (None: all)
+    context_positions: int | None = None
+
+    @classmethod
+    def build(cls, arch: ArchConfig, metadata: dict) -> Conditioner:
+        """The conditioner for ``arch`` and the dataset's ``metadata`` (vocab_size, seq_len,
+        grid_size, num_puzzle_identifiers)."""
+        return cls(arch, metadata)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Conditioning:
         raise NotImplementedError
 
+    # What the optimisers need ------------------------------------------------------------------
+
+    def param_groups(self) -> list[ParamGroup]:
+        """Its trainable dense weights, in groups with their learning rates (default: all of them
+        at the core's rate, as ``encoder_lr``; frozen weights are left out)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [ParamGroup("encoder_lr", params)] if params else []
+
+    def sparse_optimizer(self, lr: float, weight_decay: float) -> SparseOptimizer | None:
+        """The optimiser of its sparsely updated weights, at the run's ``puzzle_emb_lr`` and
+        ``puzzle_emb_weight_decay``; None where it has none (default)."""
+        return None
+
+    # Speed and its measurement -------------------------------------------------------------------
+
+    def compile_parts(self) -> None:
+        """torch.compile the parts worth compiling (default: none)."""
+
+    def forward_flops(self, batch: dict[str, torch.Tensor]) -> float:
+        """Matrix-product FLOPs of one forward pass over ``batch`` (the benchmark's MFU; default 0)."""
+        return 0.0
+
+    # Per-task fine-tuning of its weights (trm.adapt, eval.adapt.target=encoder|all) ----------------
+
+    @property
+    def can_fine_tune(self) -> bool:
+        """Whether it has the dense encoding that per-task fine-tuning runs under ``vmap``."""
+        return type(self).encode_dense is not Conditioner.encode_dense
+
+    def encode_dense(self, demo_inputs: torch.Tensor, demo_labels: torch.Tensor) -> torch.Tensor:
+        """(..., D, L) canvases of demonstration pairs, absent ones all PAD -> a representation of
+        each pair, (..., D, ...), with no host-device synchronisation and shapes fixed by the input
+        (it runs under ``torch.func.vmap``). :meth:`context_of_pairs` turns any subset of them into
+        a context, so leave-one-out views encode each pair once."""
+        raise NotImplementedError(f"the {self.name} conditioner has no dense encoding for per-task fine-tuning")
+
+    def context_of_pairs(self, pairs: torch.Tensor, mask: torch.Tensor) -> Conditioning:
+        """The context from ``pairs`` of :meth:`encode_dense` (B, D, ...) where ``mask`` (B, D)."""
+        raise NotImplementedError(f"the {self.name} conditioner has no dense encoding for per-task fine-tuning")
+
 
 CONDITIONERS = Registry("conditioner")
-register_conditioner = CONDITIONERS.register
 
 
-class PuzzleEmbedding(Conditioner):
-    """The original TRM's learned per-puzzle vector.
+def register_conditioner(name: str):
+    """Class decorator: register a :class:`Conditioner` subclass as ``arch.conditioner=<name>``."""
 
-    The table (num_puzzle_identifiers, hidden) starts at zero and is not a Parameter: it is updated
-    sparsely by :class:`trm.optim.SparseSignSGD` from the rows looked up in the step. Each puzzle's
-    vector fills the first context position; the other ``puzzle_emb_len - 1`` stay zero. Like the
-    token embeddings it is scaled by sqrt(hidden).
-    """
+    def wrap(cls):
+        cls.name = name
+        return CONDITIONERS.register(name)(cls)
 
-    context_positions = 1
-
-    def __init__(self, num_puzzle_identifiers: int, hidden_size: int, puzzle_emb_len: int):
-        super().__init__()
-        self.register_buffer("weight", torch.zeros(num_puzzle_identifiers, hidden_size))
-        self.emb_len, self.scale = puzzle_emb_len, math.sqrt(hidden_size)
-        self.looked_up: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, rows with grad)
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> Conditioning:
-        ids = batch["puzzle_identifiers"]
-        rows = self.weight[ids]
-        if self.training and torch.is_grad_enabled():
-            rows = rows.detach().requires_grad_(True)
-            self.looked_up = (ids, rows)
-        B, H = rows.shape
-        context = F.pad(rows, (0, (self.emb_len - 1) * H)).view(B, self.emb_len, H)
-        return Conditioning(context * self.scale)
-
-
-@register_conditioner("puzzle_embedding")
-def _puzzle_embedding(arch, metadata: dict) -> Conditioner:
-    return PuzzleEmbedding(metadata["num_puzzle_identifiers"], arch.hidden_size, arch.puzzle_emb_len)
+    return wrap

@@ -42,6 +42,14 @@ def swiglu_width(hidden: int, expansion: float) -> int:
     return -(-round(expansion * hidden * 2 / 3) // 256) * 256
 
 
+def block_flops(B: int, T: int, H: int, expansion: float, layers: int) -> float:
+    """Matrix-product FLOPs (2 per multiply-add) of ``layers`` attention blocks of width ``H`` over
+    B sequences of T tokens: qkv, scores and values, out, gate/up, down."""
+    I = swiglu_width(H, expansion)  # noqa: E741
+    per_layer = 2 * T * 3 * H * H + 4 * T * T * H + 2 * T * H * H + 2 * T * 2 * H * I + 2 * T * I * H
+    return float(B * layers * per_layer)
+
+
 class SwiGLU(nn.Module):
     def __init__(self, hidden: int, expansion: float):
         super().__init__()

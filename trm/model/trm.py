@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trm.config import ArchConfig
+from trm.model.config import ArchConfig
 from trm.model.conditioning import Conditioner, Conditioning
 from trm.model.layers import Block, Rotary, linear, trunc_normal_
 
