@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from encoders.config import EncoderArchConfig
+from encoders.objectives import add_contrastive, latent_steps_of
 from encoders.registry import ENCODERS, POOLINGS
 from trm.data.demos import PackedDemos, cell_mask, cell_triples
 from trm.data.grids import EOS_ID, PAD_ID
@@ -82,7 +83,9 @@ class DemoEncoder(Conditioner):
     def __init__(self, arch: EncoderArchConfig, metadata: dict):
         super().__init__()
         self.arch = arch
-        self.demos = arch.encoder_pair_layout if arch.encoder_packing else "padded"
+        self.latent_steps = latent_steps_of(arch)
+        # Latent steps need the demonstrations on the canvas (their objective runs the core on them).
+        self.demos = arch.encoder_pair_layout if arch.encoder_packing and self.latent_steps is None else "padded"
         d = arch.encoder_hidden_size or arch.hidden_size
         heads = arch.encoder_num_heads or arch.num_heads
         self.dim, self.heads = d, heads
@@ -149,8 +152,11 @@ class DemoEncoder(Conditioner):
         return torch.where(present[:, None], pooled, 0.0).view(*lead, -1)
 
     def context_of_pairs(self, pairs: torch.Tensor, mask: torch.Tensor) -> Conditioning:
-        """The context from pair vectors (B, D, d) where ``mask`` (B, D), the first ``num_demos``."""
-        return self.aggregate(pairs, self.select_demos(mask))
+        """The context from pair vectors (B, D, d) where ``mask`` (B, D), the first ``num_demos``;
+        the others are zeroed first (an aggregation that falls back to every pair when a sample
+        has none, as ``standard``'s, must not see a left-out one)."""
+        mask = self.select_demos(mask)
+        return self.aggregate(pairs * mask[..., None].to(pairs.dtype), mask)
 
     def forward_flops(self, batch: dict[str, torch.Tensor]) -> float:
         """The pair transformer's matrix products (:func:`trm.model.layers.block_flops`): packed,
@@ -190,15 +196,23 @@ class DemoEncoder(Conditioner):
         return 2**0.5 * torch.sin(puzzle_ids[:, None].double() * self.code_freq.double() + self.code_phase.double()).float()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Conditioning:
-        if "demos" in batch:
-            demos = batch["demos"]
-            mask, pairs = self.select_demos(demos.mask), self.encode_packed(demos)
-            if self.arch.num_demos is not None:  # pairs past num_demos were encoded with their pool
-                pairs = pairs * mask[..., None].to(pairs.dtype)
+        if self.latent_steps is not None:  # the pairs are the latent: the dense encoding of the canvases
+            pairs = self.encode_dense(batch["demo_inputs"], batch["demo_labels"])
+            out = self.context_of_pairs(pairs, batch["demo_mask"])
+            out.latent, mask = pairs, self.select_demos(batch["demo_mask"])
         else:
-            mask = self.select_demos(batch["demo_mask"])
-            pairs = self.encode_padded(batch["demo_inputs"], batch["demo_labels"], mask)
-        out = self.aggregate(pairs, mask)
+            if "demos" in batch:
+                demos = batch["demos"]
+                mask, pairs = self.select_demos(demos.mask), self.encode_packed(demos)
+                if self.arch.num_demos is not None:  # pairs past num_demos were encoded with their pool
+                    pairs = pairs * mask[..., None].to(pairs.dtype)
+            else:
+                mask = self.select_demos(batch["demo_mask"])
+                pairs = self.encode_padded(batch["demo_inputs"], batch["demo_labels"], mask)
+            out = self.aggregate(pairs, mask)
+        if self.training and self.arch.contrastive_weight > 0:
+            add_contrastive(out, lambda m: self.context_of_pairs(pairs, m), lambda c: c.context.flatten(1), mask,
+                            batch["task_ids"], self.arch)  # fmt: skip
         if self.arch.identity_target_weight > 0:
             # The plan's identity-encoder test: can the encoder pass known embeddings through?
             target = self.arch.encoder_context_scale * self.puzzle_code(batch["puzzle_identifiers"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from trm.model.config import ArchConfig
 
@@ -24,10 +24,14 @@ def _check_registered(kind: str, name: str) -> str:
 class EncoderArchConfig(ArchConfig):
     conditioner: str = Field(
         "demo_encoder", description="what gives the core its task context: demo_encoder (an encoder of "
-        "arch.encoder_type pools each demonstration pair to a vector), or puzzle_embedding (pretrain.py)")  # fmt: skip
+        "arch.encoder_type pools each demonstration pair to a vector), in_context (every demonstration cell a "
+        "context token), token_set (token_set_queries learned queries over every cell), or puzzle_embedding "
+        "(pretrain.py)")  # fmt: skip
     encoder_type: str = Field("standard", description="registry name: standard, lpn_standard, lpn_variational")
     encoder_pooling_method: str = Field("mean", description="pooling of a grid's cells: mean, attention, cls")
-    encoder_num_layers: int | None = Field(None, ge=1, description="grid transformer depth (None: the encoder's default)")
+    encoder_num_layers: int | None = Field(
+        None, ge=0, description="per-pair transformer depth (None: the conditioner's default: standard 2, lpn 4, "
+        "in_context and token_set 1)")  # fmt: skip
     encoder_hidden_size: int | None = Field(None, ge=8, description="encoder width (None: hidden_size)")
     encoder_num_heads: int | None = Field(None, ge=1, description="None: num_heads")
     encoder_set_layers: int = Field(2, ge=1, description="layers of the set transformer across demonstrations")
@@ -48,6 +52,24 @@ class EncoderArchConfig(ArchConfig):
         "token toward a fixed random code of the puzzle id (0: off)")
     encoder_lr_scale: float = Field(1.0, gt=0, description="encoder lr = lr x encoder_lr_scale")
     encoder_lr_warmup_steps: int | None = Field(None, ge=0, description="encoder warmup (None: lr_warmup_steps)")
+    token_set_queries: int = Field(16, ge=1, description="token_set: learned queries, the context tokens it gives")
+    token_set_layers: int = Field(2, ge=1, description="token_set: cross-attention layers of the queries over the cells")
+    contrastive_weight: float = Field(
+        0.0, ge=0, description="weight of the objective against collapse: the contexts of two disjoint halves of a "
+        "task's demonstrations agree and differ from the batch's other tasks' (InfoNCE; 0: off)")  # fmt: skip
+    contrastive_temperature: float = Field(0.1, gt=0, description="temperature of the contrastive objective")
+    latent_steps: int = Field(
+        0, ge=0, description="LPN-style gradient steps on the conditioner's pair representations before the query is "
+        "predicted, on the leave-one-out demonstration objective (0: off)")  # fmt: skip
+    latent_lr: float = Field(0.1, gt=0, description="step size of the latent steps")
+    latent_first_order: bool = Field(False, description="latent steps as constant shifts (no gradient through the steps)")
+    latent_act_steps: int = Field(1, ge=1, description="ACT steps of the core in the latent steps' objective")
+
+    @model_validator(mode="after")
+    def _sequence_of_any_length(self):
+        if self.mlp_t and self.conditioner in ("in_context",):
+            raise ValueError("mlp_t mixes a fixed-length sequence; in_context's context length varies")
+        return self
 
     @field_validator("encoder_type")
     @classmethod

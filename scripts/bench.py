@@ -26,17 +26,19 @@ Reported per configuration:
   configurations reports the peak of both), the allocator's peak per configuration on CUDA;
 - loss: the mean lm_loss of the timed steps (two configurations see the same batches);
 - on CUDA, model FLOPs utilisation against the device's dense bf16 peak. FLOPs are counted from the
-  shapes (matrix products only, 2 per multiply-add). With B the batch, T = puzzle_emb_len + seq_len,
+  shapes (matrix products only, 2 per multiply-add). With B the batch, T = the context's length
+  (puzzle_emb_len; the batch's own for a conditioner that reads every cell) + seq_len,
   H hidden, I the SwiGLU width, V the vocabulary, one application of the core's shared stack is
       N = L_layers x B x (2T(3H)H + 4T^2 H + 2T H H + 2T(2I)H + 2T I H)   (qkv, scores and values,
                                                                           out, gate/up, down)
   and a training step is N (L_cycles + 1) H_cycles forward + 2 N (L_cycles + 1) backward (the last
-  cycle only) + 3 x 2 B seq_len H V for the output head. An encoder adds the same count over its
-  blocks for the pairs it computes, x3 when trained (forward and backward), x1 frozen: packed, each
-  block's pairs at the block's length (padding included: what the device runs); padded, the present
-  pairs at the full canvas.
-  Left out: the halting head and an encoder's set aggregation (products over a few vectors per
-  sample: under 0.1 % at full size). tests/test_bench.py checks the count against PyTorch's.
+  cycle only) + 3 x 2 B seq_len H V for the output head. The conditioner adds its own count
+  (``Conditioner.forward_flops``), x3 when trained (forward and backward), x1 frozen: an encoder the
+  same count over its blocks for the pairs it computes (packed, each block's pairs at the block's
+  length, padding included: what the device runs; padded, the present pairs at the full canvas).
+  Left out: the halting head, an encoder's set aggregation (products over a few vectors per
+  sample: under 0.1 % at full size) and latent steps. tests/test_bench.py checks the count against
+  PyTorch's.
 """
 
 from __future__ import annotations
@@ -101,7 +103,9 @@ class Result:
 
 def step_flops(cfg, batch: dict, seq_len: int, vocab: int, model) -> float:
     a = cfg.arch
-    B, T = batch["inputs"].shape[0], a.puzzle_emb_len + seq_len
+    with torch.no_grad():
+        context = model.condition(batch).context.shape[1]  # the conditioner's own length (in-context: the batch's)
+    B, T = batch["inputs"].shape[0], context + seq_len
     net = block_flops(B, T, a.hidden_size, a.expansion, a.L_layers)
     calls_per_cycle = a.L_cycles + 1
     flops = net * calls_per_cycle * a.H_cycles + 2 * net * calls_per_cycle + 3 * 2 * B * seq_len * a.hidden_size * vocab
@@ -182,7 +186,7 @@ class Bench:
                 self._sync()
                 start = time.perf_counter()
                 with self.autocast():
-                    self.model.predict(batch, self.model.conditioner(batch))
+                    self.model.predict(batch, self.model.condition(batch))
                 self._sync()
                 if i:  # the first is a warm-up
                     times.append(1000 * (time.perf_counter() - start))
@@ -199,7 +203,7 @@ class Bench:
             self._sync()
             start = time.perf_counter()
             with self.autocast():
-                context = self.model.conditioner(batch).context
+                context = self.model.condition(batch).context
             if context.requires_grad:
                 context.float().square().mean().backward()
             self._sync()

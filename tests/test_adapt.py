@@ -22,7 +22,6 @@ SMALL = dict(hidden_size=32, num_heads=2, L_layers=1, H_cycles=1, L_cycles=1, pu
 
 def make_model(conditioner, meta):
     from encoders.config import EncoderArchConfig
-    from trm.config import TrainConfig
     from trm.config import ArchConfig, TrainConfig
     from trm.train import build_model
 
@@ -51,7 +50,7 @@ def test_the_objective_is_the_mean_over_each_examples_own_pairs(split, condition
     batch = canvases(split, np.arange(3))
     context = torch.randn(3, 2, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        got = demonstration_objective(model, context, batch, act_steps=2)
+        got = demonstration_objective(model, Conditioning(context), batch, act_steps=2)
         for b in range(3):
             losses = []
             for d in np.flatnonzero(batch["demo_mask"][b].numpy()):
@@ -76,8 +75,8 @@ def test_adaptation_lowers_the_objective_and_changes_no_weight(split, conditione
     cfg = AdaptConfig(target="context", steps=5, lr=0.05)
     adapted, before, after = adapt_context(model, conditioning, batch, cfg, contextlib.nullcontext)
     assert (after <= before).all() and (after < before).any()
-    torch.testing.assert_close(before, demonstration_objective(model, conditioning.context.float(), batch, 2))
-    torch.testing.assert_close(after, demonstration_objective(model, adapted.context.float(), batch, 2))
+    torch.testing.assert_close(before, demonstration_objective(model, Conditioning(conditioning.context.float()), batch, 2))
+    torch.testing.assert_close(after, demonstration_objective(model, Conditioning(adapted.context.float()), batch, 2))
     assert all(torch.equal(v, before_weights[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
     moved = (adapted.context != conditioning.context).any(-1)  # (B, P)
@@ -112,7 +111,7 @@ def test_the_kept_context_is_never_worse_than_the_start(split, monkeypatch):
     adapted, before, after = adapt_context(model, conditioning, batch, cfg, contextlib.nullcontext)
     assert torch.equal(after, before) and torch.equal(adapted.context, conditioning.context)
     with torch.no_grad():  # where the climb ended: worse for every example
-        assert (demonstration_objective(model, climbed[0], batch, 2) > before).all()
+        assert (demonstration_objective(model, Conditioning(climbed[0]), batch, 2) > before).all()
 
 
 @pytest.mark.parametrize("conditioner", ["puzzle_embedding", "standard"])

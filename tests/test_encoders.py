@@ -10,9 +10,8 @@ import torch
 
 import encoders  # noqa: F401
 from encoders.config import EncoderArchConfig
-from trm.config import TrainConfig
 from encoders.registry import ENCODERS, POOLINGS
-from trm.config import plan_run
+from trm.config import TrainConfig, plan_run
 from trm.model.trm import TinyRecursiveModel
 from trm.train import Optimisers, build_model, total_loss, train_step
 

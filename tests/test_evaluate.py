@@ -61,7 +61,7 @@ class _ScriptedModel(torch.nn.Module):
     def initial_carry(self, batch):
         return 0
 
-    def conditioner(self, batch):
+    def condition(self, batch):
         return None
 
     predict = TinyRecursiveModel.predict  # the evaluation loop under test
@@ -149,7 +149,7 @@ class Oracle(torch.nn.Module):
     def initial_carry(self, batch):
         return None
 
-    def conditioner(self, batch):
+    def condition(self, batch):
         return None
 
     def forward(self, carry, batch, conditioning):
@@ -280,7 +280,7 @@ class ContextReader(Oracle):
         self.task_of_id = dict(zip(split.puzzle_identifiers.tolist(), split.puzzle_task.tolist()))
         self.blank_is_right = blank_is_right
 
-    def conditioner(self, batch):
+    def condition(self, batch):
         return batch["puzzle_identifiers"]
 
     def forward(self, carry, batch, conditioning):
@@ -312,7 +312,6 @@ def test_reliance_is_zero_when_the_core_ignores_its_context(hand_split, conditio
     """A real model whose core zeroes its context scores the same with the right, a wrong and the
     empty context; the same model reading its context does not (the test can tell them apart)."""
     from encoders.config import EncoderArchConfig
-    from trm.config import TrainConfig
     from trm.config import ArchConfig, TrainConfig
     from trm.train import build_model
 
@@ -328,7 +327,7 @@ def test_reliance_is_zero_when_the_core_ignores_its_context(hand_split, conditio
     demos = model.conditioner.demos
     reads = reliance_metrics(model, hand_split, demos)
     forward = model.core.forward
-    model.core.forward = lambda z_H, z_L, inputs, context: forward(z_H, z_L, inputs, context * 0)
+    model.core.forward = lambda z_H, z_L, inputs, context, *rest: forward(z_H, z_L, inputs, context * 0, *rest)
     ignores = reliance_metrics(model, hand_split, demos)
     for kind in ("accuracy", "exact_accuracy"):
         right = ignores[f"eval/test/{kind}"]

@@ -8,7 +8,6 @@ import torch
 
 import encoders  # noqa: F401
 from trm.cli import compose
-from trm.config import TrainConfig
 from trm.train import build_model
 
 from helpers import ROOT
@@ -43,7 +42,7 @@ def test_job_composes_and_builds(command):
     assert raw["experiment"] and cfg.run_name
     if script == "pretrain_encoder.py":
         assert cfg.data.split == "heldout"  # the encoder never sees its evaluation tasks
-    meta = {"vocab_size": 12, "seq_len": 16, "grid_size": 4, "num_puzzle_identifiers": 8}
+    meta = {"vocab_size": 12, "seq_len": 16, "grid_size": 4, "num_puzzle_identifiers": 8, "max_demos": 3}
     model = build_model(cfg, meta)
     batch = {
         "inputs": torch.randint(0, 12, (2, 16), dtype=torch.int32), "labels": torch.randint(0, 12, (2, 16)),

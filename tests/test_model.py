@@ -94,9 +94,9 @@ def test_h_cycles_minus_one_without_gradient_then_one_with(H, L):
     model = make(H_cycles=H, L_cycles=L)
     net, calls = model.core.net, []
 
-    def recording(z, injection):
+    def recording(z, injection, *rest):
         calls.append(torch.is_grad_enabled())
-        return net(z, injection)
+        return net(z, injection, *rest)
 
     model.core.net = recording
     b = batch()
@@ -113,11 +113,12 @@ def reference_logits(model, b, rows, grad_cycles):
     x = torch.cat([context, core.embed_tokens(b["inputs"]) * H**0.5], dim=1)
     z_H = core.H_init.expand(B, P + b["inputs"].shape[1], H)
     z_L = core.L_init.expand_as(z_H)
+    rope = core.rotary.tables(z_H.shape[1])  # positions 0..P+L-1
     for cycle in range(arch.H_cycles):
         with torch.set_grad_enabled(cycle >= arch.H_cycles - grad_cycles):
             for _ in range(arch.L_cycles):
-                z_L = core.net(z_L, z_H + x)
-            z_H = core.net(z_H, z_L)
+                z_L = core.net(z_L, z_H + x, rope)
+            z_H = core.net(z_H, z_L, rope)
     return core.lm_head(z_H[:, P:])
 
 
@@ -157,3 +158,30 @@ def test_bfloat16_forward_on_cpu(mlp_t):
         _, out = model(model.initial_carry(b), b)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
     assert out.q_halt.dtype == torch.float32
+
+
+def test_2d_rotary_positions_make_a_relative_offset_one_rotation_wherever_it_lies():
+    """With rope_2d the score of two rotated vectors depends on the cells' (dy, dx) alone: equal for
+    (0,0)->(1,2) and (2,1)->(3,3); a column (dx = 0) is one offset, where in one dimension a
+    whole row apart (side) and a cell apart differ by the wrap at the edge."""
+    from trm.model.layers import Rotary, apply_rotary
+
+    P, side, dim = 2, 4, 16
+    rope = Rotary(dim, P + side * side, grid=(P, side))
+    q, k = torch.randn(dim), torch.randn(dim)
+
+    def score(a, b):  # cells a, b as (row, col)
+        ta, tb = P + a[0] * side + a[1], P + b[0] * side + b[1]
+        qa = apply_rotary(q.view(1, 1, 1, dim), rope.cos[ta : ta + 1], rope.sin[ta : ta + 1])
+        kb = apply_rotary(k.view(1, 1, 1, dim), rope.cos[tb : tb + 1], rope.sin[tb : tb + 1])
+        return float((qa * kb).sum())
+
+    assert score((0, 0), (1, 2)) == pytest.approx(score((2, 1), (3, 3)), abs=1e-5)
+    assert score((0, 3), (1, 3)) == pytest.approx(score((2, 0), (3, 0)), abs=1e-5)  # straight down, any column
+    one_d = Rotary(dim, P + side * side)
+    assert not torch.allclose(rope.cos[P:], one_d.cos[P:])
+    torch.testing.assert_close(rope.cos[P + 5], torch.cat([torch.cos(1 * one_d_freqs(dim // 2)), torch.cos(1 * one_d_freqs(dim // 2))] * 2))
+
+
+def one_d_freqs(dim):
+    return 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))

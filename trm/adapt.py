@@ -1,6 +1,6 @@
-"""Test-time adaptation on each task's own demonstrations (``eval.adapt``), two kinds.
+"""Test-time adaptation on each task's own demonstrations (``eval.adapt``), three kinds.
 
-``target=context`` (LPN's latent search): before predicting, the context each example gets (from
+``target=context``: before predicting, the context each example gets (from
 the encoder, or the puzzle embedding's row; for a task never trained on, the blank row) is refined
 by gradient steps on the *demonstration objective*, the model's weights frozen:
 
@@ -11,6 +11,13 @@ with the model run as in evaluation for ``act_steps`` ACT steps (all ``halt_max_
 the gradient through the last. One context per example, fitted to all its demonstrations; of the
 contexts along the way, the one with the lowest objective is kept (never worse than the start).
 The puzzle embedding only ever fills the first context position, so only that one moves for it.
+
+``target=latent`` (LPN's latent search, leave-one-out): the conditioner's *latent*, its
+representation of each demonstration pair (``encode_dense``), is refined instead, on the objective
+that predicts each demonstration from the context of the task's other pairs
+(:meth:`trm.model.trm.TinyRecursiveModel.latent_objective`, the objective of the latent steps a
+model may be trained with, which run first): a conditioner whose context holds the demonstrations'
+cells would fit the all-demonstrations objective by copying them.
 
 ``target=encoder`` / ``target=all`` (test-time training): the demo encoder's weights (or every
 weight) are fine-tuned per task on the *leave-one-out* objective: each demonstration's output
@@ -41,35 +48,22 @@ from torch.func import functional_call, vmap
 from trm.config import AdaptConfig
 from trm.errors import InputError
 from trm.data.dataset import ArcSplit
-from trm.data.grids import IGNORE_LABEL_ID, NUM_DIHEDRAL, PAD_ID, augment, decode_grid, encode_grid, random_colour_permutation
-from trm.losses import stablemax_cross_entropy
+from trm.data.grids import NUM_DIHEDRAL, augment, decode_grid, encode_grid, random_colour_permutation
 from trm.model.conditioning import Conditioning
+from trm.model.layers import at_least_float32
+from trm.model.trm import leave_one_out  # noqa: F401  (the views of the leave-one-out objective)
 
 
-def pair_losses(model, inputs: torch.Tensor, labels: torch.Tensor, context: torch.Tensor, act_steps: int) -> torch.Tensor:
-    """(N,) mean per-token stablemax loss of each pair's output ``labels`` (N, L) (PAD cells
-    ignored) given its input ``inputs`` (N, L) and context (N, P, hidden), the model run for
-    ``act_steps`` ACT steps, differentiable through the last. A pair without labelled cells gets 0."""
-    labels = labels.long().masked_fill(labels == PAD_ID, IGNORE_LABEL_ID)  # as the training labels
-    pairs, cond = {"inputs": inputs, "labels": labels}, Conditioning(context)
-    carry = model.initial_carry(pairs)
-    with torch.no_grad():
-        for _ in range(act_steps - 1):
-            carry, _ = model(carry, pairs, cond)
-    carry, out = model(carry, pairs, cond)
-    per_token = stablemax_cross_entropy(out.logits, labels)  # (N, L) float64
-    return per_token.sum(-1) / (labels != IGNORE_LABEL_ID).sum(-1).clamp_min(1)
-
-
-def demonstration_objective(model, context: torch.Tensor, demos: dict[str, torch.Tensor], act_steps: int) -> torch.Tensor:
-    """(B,) objective of each example's context ``context`` (B, P, hidden): demos holds the
-    canvases demo_inputs, demo_labels (B, D, L) and demo_mask (B, D). Differentiable in
-    ``context`` through the last ACT step; an example without demonstrations gets 0."""
+def demonstration_objective(model, conditioning: Conditioning, demos: dict[str, torch.Tensor],
+                            act_steps: int) -> torch.Tensor:  # fmt: skip
+    """(B,) objective of each example's context ``conditioning`` (B rows): demos holds the canvases
+    demo_inputs, demo_labels (B, D, L) and demo_mask (B, D). Differentiable in the context through
+    the last ACT step; an example without demonstrations gets 0."""
     B, D, L = demos["demo_inputs"].shape
     present = demos["demo_mask"].flatten().nonzero().squeeze(-1)  # evaluation only: a sync is fine
     owner = present // D
-    per_pair = pair_losses(model, demos["demo_inputs"].flatten(0, 1)[present],
-                           demos["demo_labels"].flatten(0, 1)[present], context[owner], act_steps)  # fmt: skip
+    per_pair = model.pair_losses(demos["demo_inputs"].flatten(0, 1)[present], demos["demo_labels"].flatten(0, 1)[present],
+                                 conditioning.rows(owner), act_steps)  # fmt: skip
     total = torch.zeros(B, dtype=per_pair.dtype, device=per_pair.device).index_add(0, owner, per_pair)
     return total / demos["demo_mask"].sum(-1).clamp_min(1)
 
@@ -119,9 +113,26 @@ def adapt_context(model, conditioning: Conditioning, demos: dict[str, torch.Tens
     movable = torch.ones_like(start[0, :, :1])  # (P, 1): the positions the conditioner fills
     if model.conditioner.context_positions is not None:
         movable[model.conditioner.context_positions :] = 0
-    best, before, after = descend({"context": start}, lambda t: demonstration_objective(model, t["context"], demos, act_steps),
-                                  cfg, autocast, {"context": movable})  # fmt: skip
+    objective = lambda t: demonstration_objective(model, conditioning.with_context(t["context"]), demos, act_steps)  # noqa: E731
+    best, before, after = descend({"context": start}, objective, cfg, autocast, {"context": movable})
     return replace(conditioning, context=best["context"].to(conditioning.context.dtype)), before, after
+
+
+def adapt_latent(model, demos: dict[str, torch.Tensor], cfg: AdaptConfig, autocast) -> tuple[Conditioning, torch.Tensor, torch.Tensor]:
+    """LPN's latent search: the conditioner's latent (its pair representations of the canvases
+    demo_inputs, demo_labels (B, D, L), after the latent steps the model was trained with, where it
+    takes them) refined by :func:`descend` on the leave-one-out objective
+    (:meth:`TinyRecursiveModel.latent_objective`), weights frozen. Returns the context of the kept
+    latent and the objectives (B,) before and after."""
+    conditioner, act_steps = model.conditioner, cfg.act_steps or model.arch.halt_max_steps
+    with autocast():
+        latent = conditioner.encode_dense(demos["demo_inputs"], demos["demo_labels"])
+        if conditioner.latent_steps is not None:
+            latent = model.latent_descent(latent, demos, conditioner.latent_steps)
+    objective = lambda t: model.latent_objective(t["latent"], demos, act_steps)  # noqa: E731
+    best, before, after = descend({"latent": at_least_float32(latent.detach())}, objective, cfg, autocast)
+    with autocast():
+        return conditioner.context_of_pairs(best["latent"].to(latent.dtype), demos["demo_mask"]), before, after
 
 
 # Fine-tuning of weights per task (target=encoder / all) -------------------------------------------
@@ -129,16 +140,15 @@ def adapt_context(model, conditioning: Conditioning, demos: dict[str, torch.Tens
 
 def check_target(cfg: AdaptConfig, model) -> None:
     """Fail at once (not at the first evaluation) on a target the model cannot adapt."""
-    if cfg.of_weights and not model.conditioner.can_fine_tune:
-        raise InputError(f"eval.adapt.target={cfg.target} fine-tunes weights per task on the leave-one-out "
-                         f"objective, which the {model.conditioner.name} conditioner does not support (it has no "
-                         "dense encoding of demonstrations); eval.adapt.target=context adapts its context")  # fmt: skip
-
-
-def leave_one_out(mask: torch.Tensor) -> torch.Tensor:
-    """(..., D) demonstrations present -> (..., D, D): view j holds the present pairs other than j."""
-    D = mask.shape[-1]
-    return mask.unsqueeze(-2) & ~torch.eye(D, dtype=torch.bool, device=mask.device)
+    conditioner = model.conditioner
+    if (cfg.of_weights or cfg.target == "latent") and not conditioner.can_fine_tune:
+        raise InputError(f"eval.adapt.target={cfg.target} runs the leave-one-out objective on the conditioner's "
+                         f"dense encoding of the demonstrations, which the {conditioner.name} conditioner does not "
+                         "have; eval.adapt.target=context adapts its context")  # fmt: skip
+    if cfg.of_weights and conditioner.latent_steps is not None:
+        raise InputError(f"eval.adapt.target={cfg.target} is not supported with latent steps (arch.latent_steps > 0): "
+                         "their gradients do not run under the per-task vmap; eval.adapt.target=latent continues "
+                         "the latent search instead")  # fmt: skip
 
 
 def augmented_copies(split: ArcSplit, rows: np.ndarray, tasks: np.ndarray, copies: int) -> dict[str, torch.Tensor]:
@@ -208,14 +218,9 @@ def _per_task(fn, model, weights: dict[str, torch.Tensor], *args: torch.Tensor):
 def _leave_one_out_objective(model, inputs, labels, mask, act_steps: int) -> torch.Tensor:
     """One task: () mean over its present pairs (A copies x D slots; inputs, labels (A, D, L),
     mask (A, D)) of each pair's loss given the context of its copy's other pairs."""
-    A, D, _ = inputs.shape
-    conditioner = model.conditioner
-    pairs = conditioner.encode_dense(inputs, labels)  # (A, D, ...)
-    others = pairs.unsqueeze(1).expand(A, D, *pairs.shape[1:]).flatten(0, 1)  # (A * D views, D, ...)
-    context = conditioner.context_of_pairs(others, leave_one_out(mask).flatten(0, 1)).context
-    losses = pair_losses(model, inputs.flatten(0, 1), labels.flatten(0, 1), context, act_steps)  # (A * D,)
-    weight = mask.flatten().to(losses.dtype)
-    return (losses * weight).sum() / weight.sum().clamp_min(1)
+    demos = {"demo_inputs": inputs, "demo_labels": labels, "demo_mask": mask}
+    per_copy = model.latent_objective(model.conditioner.encode_dense(inputs, labels), demos, act_steps)  # (A,)
+    return per_copy.mean()  # every copy holds the same pairs
 
 
 def _predict(model, inputs, demo_inputs, demo_labels, demo_mask):

@@ -39,9 +39,10 @@ class DataConfig(BuildOptions):
 class AdaptConfig(Strict):
     """Test-time adaptation at evaluation (trm/adapt.py), off by default."""
 
-    target: Literal["none", "context", "encoder", "all"] = Field(
-        "none", description="none; context: refine each example's context, weights frozen; encoder / all: "
-        "fine-tune the demo encoder's (or every) weights per task, leave-one-out")  # fmt: skip
+    target: Literal["none", "context", "latent", "encoder", "all"] = Field(
+        "none", description="none; context: refine each example's context, weights frozen; latent: refine the "
+        "conditioner's pair representations, leave-one-out; encoder / all: fine-tune the conditioner's (or every) "
+        "weights per task, leave-one-out")  # fmt: skip
     steps: int = Field(0, ge=0, description="optimiser steps on the demonstration objective (0: as computed)")
     lr: float = Field(0.01, gt=0, description="learning rate of those steps")
     optimizer: Literal["adam", "sgd"] = Field("adam", description="adam, or plain sgd")

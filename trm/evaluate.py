@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trm.adapt import adapt_context, finetune, predict_per_task, task_batches
+from trm.adapt import adapt_context, adapt_latent, finetune, predict_per_task, task_batches
 from trm.config import AdaptConfig, EvalConfig
 from trm.data.dataset import ArcSplit
 from trm.data.pipeline import Prefetcher, to_device
@@ -181,9 +181,11 @@ def _run_examples(model, split: ArcSplit, indices: np.ndarray, context_from: np.
             if fine_tuning:
                 weights, *before_after = finetune(model, batch, adapt, autocast)
                 before_after = [o.repeat_interleave(len(batch["inputs"]) // len(o)) for o in before_after]  # per row
+            elif adapt.target == "latent":
+                conditioning, *before_after = adapt_latent(model, batch, adapt, autocast)
             else:
                 with autocast():
-                    conditioning = model.conditioner(batch)
+                    conditioning = model.condition(batch)
                 if adapting:
                     conditioning, *before_after = adapt_context(model, conditioning, batch, adapt, autocast)
             adapt_ms = 0.0

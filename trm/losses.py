@@ -6,22 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from trm.data.grids import IGNORE_LABEL_ID
-
-
-def log_stablemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """log of s(x) / sum s(x), with s(x) = 1 / (1 - x) for x < 0 and x + 1 otherwise."""
-    # Each branch only sees the inputs it applies to: 1 / (1 - x) evaluated at x = 1 would be inf,
-    # and torch.where's backward turns the unused branch's 0 * inf into a NaN gradient.
-    s = torch.where(x < 0, 1 / (1 - x.clamp(max=0)), x.clamp(min=0) + 1)
-    return torch.log(s / s.sum(dim=dim, keepdim=True))
-
-
-def stablemax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_LABEL_ID) -> torch.Tensor:
-    """Per-token loss (B, L) in float64; zero where the label is ignored. logits: (B, L, V)."""
-    logprobs = log_stablemax(logits.to(torch.float64))
-    valid = labels != ignore_index
-    picked = logprobs.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
-    return -torch.where(valid, picked, 0)
+from trm.model.layers import log_stablemax, stablemax_cross_entropy  # noqa: F401  (the output head's loss)
 
 
 def act_loss(logits, q_halt, q_continue, labels, halted, steps, target_q_continue=None):
@@ -48,7 +33,7 @@ def act_loss(logits, q_halt, q_continue, labels, halted, steps, target_q_continu
             "q_halt_accuracy": (valid & ((q_halt >= 0) == seq_correct)).sum(),
             "steps": torch.where(valid, steps, 0).sum(),
         }
-    lm_loss = (stablemax_cross_entropy(logits, labels) / divisor).sum()
+    lm_loss = (stablemax_cross_entropy(logits, labels, IGNORE_LABEL_ID) / divisor).sum()
     q_halt_loss = F.binary_cross_entropy_with_logits(q_halt, seq_correct.to(q_halt.dtype), reduction="sum")
     q_loss = q_halt_loss
     metrics["lm_loss"], metrics["q_halt_loss"] = lm_loss.detach(), q_halt_loss.detach()

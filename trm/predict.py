@@ -1,7 +1,7 @@
 """Predictions for ARC tasks from a trained run, as an ARC Prize submission file.
 
     python -m trm.predict RUN_OR_CHECKPOINT TASKS [--out submission.json] [--augmentations 8]
-        [--adapt-steps 20 --adapt-lr 0.2 [--adapt-target context|encoder|all --adapt-copies 1]]
+        [--adapt-steps 20 --adapt-lr 0.2 [--adapt-target context|latent|encoder|all --adapt-copies 1]]
         [--device auto] [--batch-size 64]
 
 RUN_OR_CHECKPOINT: a run directory (its latest checkpoint), a checkpoint folder or its state.pt,
@@ -13,9 +13,9 @@ permutations, the original first), undone and voted as in evaluation; the two be
 test input's ``attempt_1`` and ``attempt_2``. With ``--adapt-steps``, test-time adaptation on the
 demonstrations first (``eval.adapt``, :mod:`trm.adapt`): by default each example's context is
 refined (``--adapt-target context``; for a puzzle-embedding model, whose tasks here have no trained
-embedding, a fresh one fitted from the blank row); ``encoder`` / ``all`` fine-tune a demo encoder
-model's encoder (or every) weights per task, on ``--adapt-copies`` augmented copies of its
-demonstrations.
+embedding, a fresh one fitted from the blank row); ``latent`` refines a demonstration conditioner's
+pair representations on the leave-one-out objective; ``encoder`` / ``all`` fine-tune its (or every)
+weight per task, on ``--adapt-copies`` augmented copies of its demonstrations.
 
 ``submission.json``: ``{task id: [{"attempt_1": grid, "attempt_2": grid}, ...]}``, one entry per
 test input in the task's order, a grid being a list of rows of colours. Where answers are known the
@@ -109,8 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--augmentations", type=int, default=8, help="versions of each task voted (the original first)")
     p.add_argument("--adapt-steps", type=int, default=0, help="test-time adaptation steps (0: none)")
     p.add_argument("--adapt-lr", type=float, default=0.2, help="their learning rate (weights: about 0.001)")
-    p.add_argument("--adapt-target", choices=["context", "encoder", "all"], default="context",
-                   help="what adapts: each example's context, or per task the encoder's or all weights")
+    p.add_argument("--adapt-target", choices=["context", "latent", "encoder", "all"], default="context",
+                   help="what adapts: each example's context, the conditioner's latent (leave-one-out), or per task "
+                   "the conditioner's or all weights")
     p.add_argument("--adapt-copies", type=int, default=1, help="encoder / all: augmented copies of the demonstrations")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -30,6 +30,7 @@ from trm.adapt import check_target
 from trm.config import RunPlan, TrainConfig, early_stop_reason, plan_run
 from trm.data.build import ensure_dataset, wait_for_dataset
 from trm.data.dataset import ArcSplit, EpochSampler
+from trm.data.grids import PAD_ID
 from trm.data.pipeline import TrainFeed
 from trm.distributed import DistEnv, all_reduce_max, all_reduce_sum_, from_scheduler, on_main, setup, teardown
 from trm.ema import EMA
@@ -51,7 +52,7 @@ def build_model(cfg: TrainConfig, metadata: dict) -> TinyRecursiveModel:
     """The core and the conditioner ``arch.conditioner`` for a dataset's ``metadata``."""
     arch = cfg.arch
     conditioner = CONDITIONERS.get_valid(arch.conditioner).build(arch, metadata)
-    return TinyRecursiveModel(arch, conditioner, metadata["vocab_size"], metadata["seq_len"])
+    return TinyRecursiveModel(arch, conditioner, metadata["vocab_size"], metadata["seq_len"], metadata.get("pad_id", PAD_ID))
 
 
 class Optimisers:

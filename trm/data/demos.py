@@ -11,7 +11,11 @@ only what an encoder computes on:
   the input (second = 0) then of the output (second = 1); ``overlay`` layout, one triple per canvas
   cell where either grid holds something (colour = the input's token, second = the output's);
 - pairs grouped into length buckets (:data:`BUCKETS`, x 2 apart), each bucket one padded block
-  ``(n, T)``: a handful of dense blocks instead of one block padded to the whole canvas.
+  ``(n, T)``: a handful of dense blocks instead of one block padded to the whole canvas;
+- for a conditioner that reads every cell (layouts ``"<layout>:cells"``), each example's cells in
+  one row: the tokens of its demonstrations one after the other, no padding between them, the rows
+  padded to the batch's longest (:attr:`PackedDemos.cell_index`), so that the context's length
+  follows the batch's demonstrations.
 
 The padded form gives the same triples (PAD cells masked), so an encoder computes the same vectors
 from either (tests/test_encoders.py checks it, gradients included). Everything here is numpy on
@@ -63,11 +67,18 @@ class PackedDemos:
         pairs, the *pool* (U = sum n_b rows).
     index: (B, D) int64 row of the pool each demonstration slot holds; U where the slot is empty.
     mask: (B, D) bool, True where the slot holds a demonstration.
+
+    cell_index: (B, C) int64, with ``:cells`` layouts: example b's c-th cell token, as a row of the
+        blocks' cells flattened in order (sum n_b T_b rows); that count (a padding row) past the
+        example's cells. C is the most cells of one example in the batch.
+    cell_slot: (B, C) int64: the demonstration slot of each cell token; -1 for padding.
     """
 
     blocks: list[torch.Tensor]
     index: torch.Tensor
     mask: torch.Tensor
+    cell_index: torch.Tensor | None = None
+    cell_slot: torch.Tensor | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -77,14 +88,19 @@ class PackedDemos:
         """On CUDA: pinned, then copied without blocking the host."""
         if device.type != "cuda":
             return self
-        move = lambda t: t.pin_memory().to(device, non_blocking=True)  # noqa: E731
-        return PackedDemos([move(b) for b in self.blocks], move(self.index), move(self.mask))
+        move = lambda t: None if t is None else t.pin_memory().to(device, non_blocking=True)  # noqa: E731
+        return PackedDemos([move(b) for b in self.blocks], move(self.index), move(self.mask), move(self.cell_index),
+                           move(self.cell_slot))  # fmt: skip
 
 
 def pack_demos(demo_inputs: np.ndarray, demo_labels: np.ndarray, rows: np.ndarray, layout: str,
                buckets: tuple[int, ...] = BUCKETS) -> PackedDemos:  # fmt: skip
     """Pack the demonstration pool rows ``rows`` (B, D) (-1: no demonstration) of a split's pool
-    ``demo_inputs``/``demo_labels`` (pool rows, L) for ``layout`` (sequence or overlay)."""
+    ``demo_inputs``/``demo_labels`` (pool rows, L) for ``layout``: ``sequence`` or ``overlay``, and
+    with ``:cells`` (``overlay:cells``) each example's cells in a row as well."""
+    layout, _, cells = layout.partition(":")
+    if layout not in ("sequence", "overlay") or cells not in ("", "cells"):
+        raise ValueError(f"unknown demonstration layout {layout + (':' + cells if cells else '')!r}")
     rows = np.asarray(rows, np.int64)
     present = rows >= 0
     unique, inverse = np.unique(rows[present], return_inverse=True)
@@ -108,4 +124,32 @@ def pack_demos(demo_inputs: np.ndarray, demo_labels: np.ndarray, rows: np.ndarra
         blocks.append(torch.from_numpy(block))
     index = np.full(rows.shape, len(unique), np.int64)
     index[present] = pool_row[inverse]
-    return PackedDemos(blocks, torch.from_numpy(index), torch.from_numpy(present))
+    packed = PackedDemos(blocks, torch.from_numpy(index), torch.from_numpy(present))
+    if cells:
+        widths = limits[bucket_of[order]]  # the pool's rows in order: their block's length
+        starts = np.cumsum(widths) - widths  # where each pool row's cells begin among the flattened blocks
+        filled_of_pool_row = np.minimum(lengths[order], widths)
+        packed.cell_index, packed.cell_slot = _cell_rows(index, present, starts, filled_of_pool_row, int(widths.sum()))
+    return packed
+
+
+def _cell_rows(index: np.ndarray, present: np.ndarray, starts: np.ndarray, lengths: np.ndarray, padding_row: int):
+    """(cell_index, cell_slot) of :class:`PackedDemos`: for each example, the cells of its present
+    slots in slot order (pool row u contributes rows starts[u] .. starts[u] + lengths[u] - 1 of the
+    flattened blocks), padded with ``padding_row``. Vectorised: no loop over examples or cells."""
+    B, D = index.shape
+    example, slot = np.nonzero(present)  # row-major: each example's slots in order
+    pool = index[example, slot]
+    count = lengths[pool]  # cells of each (example, slot) entry
+    total = int(count.sum())
+    per_example = np.bincount(example, weights=count, minlength=B).astype(np.int64)
+    width = int(per_example.max()) if B else 0
+    entry = np.repeat(np.arange(len(pool)), count)  # the entry of each cell
+    within = np.arange(total) - np.repeat(np.cumsum(count) - count, count)  # the cell's place in its pair
+    before_in_example = np.cumsum(count) - count - np.repeat(np.cumsum(per_example) - per_example, np.bincount(example, minlength=B))
+    column = before_in_example[entry] + within
+    cell_index = np.full((B, width), padding_row, np.int64)
+    cell_slot = np.full((B, width), -1, np.int64)
+    cell_index[example[entry], column] = starts[pool[entry]] + within
+    cell_slot[example[entry], column] = slot[entry]
+    return torch.from_numpy(cell_index), torch.from_numpy(cell_slot)

@@ -4,7 +4,11 @@ A *conditioner* turns a batch into context tokens that the core prepends to the 
 
     context: (B, P, hidden), in the units of the core's scaled token embeddings
 
-plus auxiliary losses (already weighted, summed over the batch, added to the training loss and
+where P may be any length, and may change from batch to batch (a conditioner that reads the
+demonstrations' cells makes one token per cell): the core sees the context's length only through its
+shape. Where some positions are padding, ``mask`` (B, P) says which tokens are real (padding is never
+attended); ``positions`` (B, P) may give each token its rotary position (the grid's cells sit at
+``puzzle_emb_len + i``; default: the context at 0..P-1). Then come auxiliary losses (already weighted, summed over the batch, added to the training loss and
 logged as ``train/<name>`` per sample) and metrics ((sum, count) pairs, logged as sum / count). The
 core never knows where the context came from.
 
@@ -34,6 +38,18 @@ class Conditioning:
     context: torch.Tensor  # (B, P, hidden)
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> weighted sum over batch
     metrics: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> (sum, count)
+    mask: torch.Tensor | None = None  # (B, P) bool: real tokens (None: all)
+    positions: torch.Tensor | None = None  # (B, P) long rotary positions (None: 0..P-1)
+    latent: torch.Tensor | None = None  # (B, D, ...) the pair representations it came from, where latent steps apply
+
+    def rows(self, index: torch.Tensor) -> Conditioning:
+        """The conditioning of batch rows ``index`` (context, mask, positions; no losses or metrics)."""
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return Conditioning(self.context[index], mask=pick(self.mask), positions=pick(self.positions))
+
+    def with_context(self, context: torch.Tensor) -> Conditioning:
+        """The same tokens' mask and positions around another ``context`` of the same shape."""
+        return Conditioning(context, mask=self.mask, positions=self.positions)
 
 
 @dataclass
@@ -63,6 +79,20 @@ class SparseOptimizer(Protocol):
     def step(self, gathered: tuple[torch.Tensor, torch.Tensor] | None, ok: torch.Tensor | None) -> None: ...
 
 
+@dataclass(frozen=True)
+class LatentSteps:
+    """LPN-style steps on a conditioner's latent (its pair representations) before the query is
+    predicted: ``steps`` gradient steps of size ``lr`` on the leave-one-out demonstration objective
+    (each demonstration's output predicted from its input, the core run ``act_steps`` ACT steps,
+    with the context of the task's other demonstrations), differentiated through in training
+    unless ``first_order`` (:meth:`trm.model.trm.TinyRecursiveModel.condition`)."""
+
+    steps: int
+    lr: float
+    first_order: bool = False
+    act_steps: int = 1
+
+
 class Conditioner(nn.Module):
     """Base class of every conditioner.
 
@@ -76,7 +106,9 @@ class Conditioner(nn.Module):
       (demo_inputs, demo_labels, demo_mask on the canvas), or a pair layout (``"sequence"``,
       ``"overlay"``: ``demos``, the pairs packed for that layout; :mod:`trm.data.demos`);
     - ``context_positions``: how many leading context positions it fills (None: all); test-time
-      search of the context moves only those.
+      search of the context moves only those;
+    - ``latent_steps``: :class:`LatentSteps` the model takes on its latent before predicting (it
+      then returns its pair representations as ``Conditioning.latent``), or None.
     """
 
     name: ClassVar[str] = ""  # its registry name, set by register_conditioner
@@ -84,6 +116,7 @@ class Conditioner(nn.Module):
     arch_schema: ClassVar[type[ArchConfig]] = ArchConfig
     demos: str | None = None
     context_positions: int | None = None
+    latent_steps: LatentSteps | None = None
 
     @classmethod
     def build(cls, arch: ArchConfig, metadata: dict) -> Conditioner:

@@ -33,6 +33,9 @@ class ArchConfig(Strict):
     L_cycles: int = Field(4, ge=1, description="z_L updates per outer cycle")
     puzzle_emb_len: int = Field(16, ge=1, description="context positions prepended to the grid")
     rope_theta: float = Field(10000.0, description="rotary position base")
+    rope_2d: bool = Field(
+        False, description="rotary positions of the grid's cells by row and column (half the frequencies each) "
+        "instead of by their index in the sequence")  # fmt: skip
     rms_norm_eps: float = Field(1e-5, description="epsilon of the RMS norms")
     mlp_t: bool = Field(False, description="replace attention by a SwiGLU over the sequence axis")
     halt_max_steps: int = Field(16, ge=1, description="ACT supervision steps per example at most (all of them in evaluation)")
@@ -43,8 +46,9 @@ class ArchConfig(Strict):
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self):
-        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
-            raise ValueError(f"hidden_size {self.hidden_size} must split into {self.num_heads} heads of even width")
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % (4 if self.rope_2d else 2):
+            raise ValueError(f"hidden_size {self.hidden_size} must split into {self.num_heads} heads of a width divisible "
+                             f"by {4 if self.rope_2d else 2}")  # fmt: skip
         return self
 
 

@@ -9,6 +9,25 @@ import torch.nn.functional as F
 from torch import nn
 
 
+IGNORE_INDEX = -100  # a label left out of a loss (PyTorch's convention; the datasets' ignore_label_id)
+
+
+def log_stablemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """log of s(x) / sum s(x), with s(x) = 1 / (1 - x) for x < 0 and x + 1 otherwise."""
+    # Each branch only sees the inputs it applies to: 1 / (1 - x) evaluated at x = 1 would be inf,
+    # and torch.where's backward turns the unused branch's 0 * inf into a NaN gradient.
+    s = torch.where(x < 0, 1 / (1 - x.clamp(max=0)), x.clamp(min=0) + 1)
+    return torch.log(s / s.sum(dim=dim, keepdim=True))
+
+
+def stablemax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Per-token loss (B, L) in float64; zero where the label is ignored. logits: (B, L, V)."""
+    logprobs = log_stablemax(logits.to(torch.float64))
+    valid = labels != ignore_index
+    picked = logprobs.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
+    return -torch.where(valid, picked, 0)
+
+
 def trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
     """Normal truncated at two standard deviations, rescaled so that the *truncated* distribution
     has standard deviation ``std`` (plain truncation would shrink it by about 12 %)."""
@@ -63,19 +82,41 @@ class SwiGLU(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding tables for positions 0..max_len-1. cos/sin: (max_len, head_dim)."""
+    """Rotary position embedding tables for positions 0..max_len-1. cos/sin: (max_len, head_dim).
 
-    def __init__(self, head_dim: int, max_len: int, theta: float = 10000.0):
+    With ``grid=(offset, side)`` the positions from ``offset`` on are the cells of a side x side
+    canvas in row-major order, and rotate in two dimensions: half the frequencies by the cell's
+    row, half by its column, so that a relative offset (dy, dx) is one rotation wherever it lies
+    (a column is a fixed dx; in one dimension it would be every multiple of the side). The positions
+    before ``offset`` (context tokens without a cell) sit on row -1, at column t."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float = 10000.0, grid: tuple[int, int] | None = None):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        t = torch.arange(max_len, dtype=torch.float32)
+        if grid is None:
+            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+            freqs = torch.outer(t, inv_freq)
+        else:
+            offset, side = grid
+            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float32) / (head_dim // 2)))
+            cell = (t - offset).clamp_min(0)
+            row = torch.where(t < offset, -1.0, torch.div(cell, side, rounding_mode="floor"))
+            col = torch.where(t < offset, t, cell % side)
+            freqs = torch.cat((torch.outer(row, inv_freq), torch.outer(col, inv_freq)), dim=-1)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
+    def tables(self, length: int, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of a sequence: positions 0..length-1, (length, head_dim); or the given
+        ``positions`` (B, length) of each token, (B, 1, length, head_dim)."""
+        if positions is None:
+            return self.cos[:length], self.sin[:length]
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, heads, T, head_dim); cos, sin: (T, head_dim)."""
+    """x: (B, heads, T, head_dim); cos, sin: (T, head_dim) or (B, 1, T, head_dim)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype))
@@ -92,13 +133,14 @@ class Attention(nn.Module):
         self.qkv = linear(hidden, 3 * hidden)
         self.out = linear(hidden, hidden)
 
-    def forward(self, x: torch.Tensor, rotary: Rotary | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, T, hidden); key_mask: (B, T) bool, True where a key may be attended."""
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """x: (B, T, hidden); rope: (cos, sin) of :meth:`Rotary.tables`, or None; key_mask: (B, T)
+        bool, True where a key may be attended."""
         B, T, H = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4)
-        if rotary is not None:
-            cos, sin = rotary.cos[:T], rotary.sin[:T]
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         mask = None if key_mask is None else key_mask[:, None, None, :]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(B, T, H))
@@ -111,7 +153,7 @@ class SequenceMLP(nn.Module):
         super().__init__()
         self.mlp = SwiGLU(seq_len, expansion)
 
-    def forward(self, x: torch.Tensor, rotary: Rotary | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope=None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.mlp(x.transpose(1, 2)).transpose(1, 2)
 
 
@@ -128,9 +170,10 @@ class Block(nn.Module):
         self.mlp = SwiGLU(hidden, expansion)
         self.post_norm, self.eps = post_norm, eps
 
-    def forward(self, x: torch.Tensor, rotary: Rotary | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         if self.post_norm:
-            x = rms_norm(x + self.mixer(x, rotary, key_mask), self.eps)
+            x = rms_norm(x + self.mixer(x, rope, key_mask), self.eps)
             return rms_norm(x + self.mlp(x), self.eps)
-        x = x + self.mixer(rms_norm(x, self.eps), rotary, key_mask)
+        x = x + self.mixer(rms_norm(x, self.eps), rope, key_mask)
         return x + self.mlp(rms_norm(x, self.eps))

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trm.model.config import ArchConfig
-from trm.model.conditioning import Conditioner, Conditioning
-from trm.model.layers import Block, Rotary, linear, trunc_normal_
+from trm.model.conditioning import Conditioner, Conditioning, LatentSteps
+from trm.model.layers import IGNORE_INDEX, Block, Rotary, linear, stablemax_cross_entropy, trunc_normal_
 
 
 class RecursiveCore(nn.Module):
@@ -27,7 +29,8 @@ class RecursiveCore(nn.Module):
         self.embed_scale = math.sqrt(H)
         self.embed_tokens = nn.Embedding(vocab_size, H)
         trunc_normal_(self.embed_tokens.weight, 1.0 / self.embed_scale)
-        self.rotary = None if arch.mlp_t else Rotary(H // arch.num_heads, P + seq_len, arch.rope_theta)
+        grid = (P, math.isqrt(seq_len)) if arch.rope_2d else None
+        self.rotary = None if arch.mlp_t else Rotary(H // arch.num_heads, P + seq_len, arch.rope_theta, grid)
         self.blocks = nn.ModuleList(
             Block(H, arch.num_heads, arch.expansion, post_norm=True, eps=arch.rms_norm_eps,
                   seq_mlp_len=(P + seq_len) if arch.mlp_t else None)
@@ -40,28 +43,42 @@ class RecursiveCore(nn.Module):
         self.register_buffer("H_init", trunc_normal_(torch.empty(H), 1.0))
         self.register_buffer("L_init", trunc_normal_(torch.empty(H), 1.0))
 
-    def net(self, z: torch.Tensor, injection: torch.Tensor) -> torch.Tensor:
+    def net(self, z: torch.Tensor, injection: torch.Tensor, rope=None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         z = z + injection
         for block in self.blocks:
-            z = block(z, self.rotary)
+            z = block(z, rope, key_mask)
         return z
 
-    def forward(self, z_H: torch.Tensor, z_L: torch.Tensor, inputs: torch.Tensor, context: torch.Tensor):
-        """z_H, z_L: (B, P + L, hidden); inputs: (B, L) tokens; context: (B, P, hidden).
+    def forward(self, z_H: torch.Tensor, z_L: torch.Tensor, inputs: torch.Tensor, context: torch.Tensor,
+                context_mask: torch.Tensor | None = None, context_positions: torch.Tensor | None = None):  # fmt: skip
+        """z_H, z_L: (B, P + L, hidden); inputs: (B, L) tokens; context: (B, P, hidden), any P;
+        context_mask: (B, P) bool, False for padding (never attended); context_positions: (B, P)
+        rotary positions of the context (the grid then at puzzle_emb_len + i; default: the whole
+        sequence at 0..P+L-1, as published).
 
         Returns new (z_H, z_L), logits (B, L, vocab) and q_logits (B, 2) float32.
         """
+        B, P = context.shape[:2]
         tokens = self.embed_scale * self.embed_tokens(inputs)
         x = torch.cat((context.to(tokens.dtype), tokens), dim=1)
+        rope = key_mask = None
+        if self.rotary is not None:
+            positions = None
+            if context_positions is not None:
+                grid = torch.arange(self.arch.puzzle_emb_len, self.arch.puzzle_emb_len + inputs.shape[1], device=inputs.device)
+                positions = torch.cat((context_positions, grid.expand(B, -1)), dim=1)
+            rope = self.rotary.tables(x.shape[1], positions)
+        if context_mask is not None:
+            key_mask = torch.cat((context_mask, context_mask.new_ones(inputs.shape)), dim=1)
         with torch.no_grad():
             for _ in range(self.arch.H_cycles - 1):
                 for _ in range(self.arch.L_cycles):
-                    z_L = self.net(z_L, z_H + x)
-                z_H = self.net(z_H, z_L)
+                    z_L = self.net(z_L, z_H + x, rope, key_mask)
+                z_H = self.net(z_H, z_L, rope, key_mask)
         for _ in range(self.arch.L_cycles):
-            z_L = self.net(z_L, z_H + x)
-        z_H = self.net(z_H, z_L)
-        logits = self.lm_head(z_H[:, self.arch.puzzle_emb_len :])
+            z_L = self.net(z_L, z_H + x, rope, key_mask)
+        z_H = self.net(z_H, z_L, rope, key_mask)
+        logits = self.lm_head(z_H[:, P:])
         q_logits = self.q_head(z_H[:, 0]).float()
         return z_H, z_L, logits, q_logits
 
@@ -89,6 +106,12 @@ class StepOutput:
     target_q_continue: torch.Tensor | None = None  # (B,), only with no_ACT_continue=false
 
 
+def leave_one_out(mask: torch.Tensor) -> torch.Tensor:
+    """(..., D) demonstrations present -> (..., D, D): view j holds the present pairs other than j."""
+    D = mask.shape[-1]
+    return mask.unsqueeze(-2) & ~torch.eye(D, dtype=torch.bool, device=mask.device)
+
+
 def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.view(-1, *([1] * (a.ndim - 1))), a, b)
 
@@ -102,11 +125,12 @@ class TinyRecursiveModel(nn.Module):
     steps from U[2, halt_max_steps]. In evaluation every example runs all ``halt_max_steps``.
     """
 
-    def __init__(self, arch: ArchConfig, conditioner: Conditioner, vocab_size: int, seq_len: int):
+    def __init__(self, arch: ArchConfig, conditioner: Conditioner, vocab_size: int, seq_len: int, pad_id: int = 0):
         super().__init__()
         self.arch = arch
         self.core = RecursiveCore(arch, vocab_size, seq_len)
         self.conditioner = conditioner
+        self.pad_id = pad_id  # the dataset's empty cell: a demonstration's label there is left out of a loss
 
     def initial_carry(self, batch: dict[str, torch.Tensor]) -> Carry:
         B, L = batch["inputs"].shape
@@ -123,6 +147,79 @@ class TinyRecursiveModel(nn.Module):
         return (_where(mask, self.core.H_init.expand_as(carry.z_H), carry.z_H),
                 _where(mask, self.core.L_init.expand_as(carry.z_L), carry.z_L), torch.where(mask, 0, carry.steps))  # fmt: skip
 
+    def fitted(self, z: torch.Tensor, init: torch.Tensor, context_length: int, grid_length: int) -> torch.Tensor:
+        """A recursion state (B, P_old + L, hidden) for a context of ``context_length`` positions:
+        context positions past it dropped, or new ones added at ``init`` (hidden,). A slot's own
+        context tokens come first, so a slot that keeps its example keeps its state: only padding
+        comes and goes when the batch's context length changes."""
+        old = z.shape[1] - grid_length
+        if old == context_length:
+            return z
+        if old > context_length:
+            return torch.cat((z[:, :context_length], z[:, old:]), dim=1)
+        added = init.to(z.dtype).expand(z.shape[0], context_length - old, -1)
+        return torch.cat((z[:, :old], added, z[:, old:]), dim=1)
+
+    def condition(self, batch: dict[str, torch.Tensor]) -> Conditioning:
+        """The context of ``batch``: the conditioner's, after the latent steps it asks for
+        (:class:`LatentSteps`, in training and in evaluation alike), whose leave-one-out objective
+        needs the demonstrations on the canvas (demo_inputs, demo_labels (B, D, L), demo_mask)."""
+        cond = self.conditioner(batch)
+        if self.conditioner.latent_steps is None or cond.latent is None:
+            return cond
+        latent = self.latent_descent(cond.latent, batch, self.conditioner.latent_steps)
+        refined = self.conditioner.context_of_pairs(latent, batch["demo_mask"])
+        return replace(refined, aux_losses={**refined.aux_losses, **cond.aux_losses},
+                       metrics={**refined.metrics, **cond.metrics}, latent=latent)  # fmt: skip
+
+    def latent_descent(self, latent: torch.Tensor, demos: dict[str, torch.Tensor], how: LatentSteps) -> torch.Tensor:
+        """``how.steps`` gradient steps of size ``how.lr`` on :meth:`latent_objective` from ``latent``
+        (B, D, ...). In training the steps are differentiated through (second order), or with
+        ``first_order`` the step is a constant shift (the encoder's gradient flows straight through);
+        in evaluation they run with gradients enabled for the latent alone."""
+        through = self.training and torch.is_grad_enabled() and latent.requires_grad and not how.first_order
+        # Differentiating through a step differentiates attention's backward: the math kernel has
+        # one, the fused kernels do not.
+        kernel = sdpa_kernel(SDPBackend.MATH) if through else contextlib.nullcontext()
+        with torch.enable_grad(), kernel:
+            for _ in range(how.steps):
+                z = latent if through else latent.detach().requires_grad_(True)
+                objective = self.latent_objective(z, demos, how.act_steps).sum()
+                (grad,) = torch.autograd.grad(objective, z, create_graph=through)
+                latent = latent - how.lr * grad.to(latent.dtype)
+        return latent
+
+    def latent_objective(self, latent: torch.Tensor, demos: dict[str, torch.Tensor], act_steps: int) -> torch.Tensor:
+        """(B,) mean over each example's present demonstrations j of the loss of y_j given x_j and
+        the context of its *other* demonstrations (:meth:`Conditioner.context_of_pairs` of
+        ``latent`` (B, D, ...) without j): what the latent must explain without having seen the pair.
+        demos: demo_inputs, demo_labels (B, D, L), demo_mask (B, D). Fixed shapes (every slot is
+        run, absent ones weighted 0): no host-device synchronisation."""
+        mask = demos["demo_mask"]
+        B, D = mask.shape
+        others = leave_one_out(mask)  # (B, D views, D)
+        views = latent.unsqueeze(1).expand(B, D, *latent.shape[1:]).flatten(0, 1)  # (B * D, D, ...)
+        cond = self.conditioner.context_of_pairs(views, others.flatten(0, 1))
+        losses = self.pair_losses(demos["demo_inputs"].flatten(0, 1), demos["demo_labels"].flatten(0, 1), cond, act_steps)
+        weight = mask.to(losses.dtype)
+        return (losses.view(B, D) * weight).sum(1) / weight.sum(1).clamp_min(1)
+
+    def pair_losses(self, inputs: torch.Tensor, labels: torch.Tensor, conditioning: Conditioning,
+                    act_steps: int) -> torch.Tensor:  # fmt: skip
+        """(N,) mean per-token stablemax loss of each pair's output ``labels`` (N, L) (empty cells
+        left out) given its input ``inputs`` (N, L) and ``conditioning`` (N rows), the model run for
+        ``act_steps`` ACT steps from the initial state, differentiable through the last. A pair
+        without labelled cells gets 0."""
+        labels = labels.long().masked_fill(labels == self.pad_id, IGNORE_INDEX)
+        pairs = {"inputs": inputs, "labels": labels}
+        carry = self.initial_carry(pairs)
+        with torch.no_grad():
+            for _ in range(act_steps - 1):
+                carry, _ = self(carry, pairs, conditioning)
+        carry, out = self(carry, pairs, conditioning)
+        per_token = stablemax_cross_entropy(out.logits, labels)  # (N, L) float64
+        return per_token.sum(-1) / (labels != IGNORE_INDEX).sum(-1).clamp_min(1)
+
     def forward(self, carry: Carry, batch: dict[str, torch.Tensor], conditioning: Conditioning | None = None):
         """Returns (new carry, StepOutput). ``conditioning`` may be passed to reuse a context
         computed once per batch (evaluation); in training it is recomputed with gradient. Entries of
@@ -132,8 +229,10 @@ class TinyRecursiveModel(nn.Module):
         z_H, z_L, steps = self.restarted(carry, carry.halted)
         steps = steps + 1
 
-        cond = conditioning if conditioning is not None else self.conditioner({**batch, **data})
-        z_H, z_L, logits, q = self.core(z_H, z_L, data["inputs"], cond.context)
+        cond = conditioning if conditioning is not None else self.condition({**batch, **data})
+        P, L = cond.context.shape[1], data["inputs"].shape[1]
+        z_H, z_L = self.fitted(z_H, self.core.H_init, P, L), self.fitted(z_L, self.core.L_init, P, L)
+        z_H, z_L, logits, q = self.core(z_H, z_L, data["inputs"], cond.context, cond.mask, cond.positions)
         q_halt, q_continue = q[:, 0], q[:, 1]
 
         max_steps = self.arch.halt_max_steps
@@ -147,7 +246,7 @@ class TinyRecursiveModel(nn.Module):
                 halted &= steps >= min_steps
                 if not self.arch.no_ACT_continue:
                     # Q-learning target for "continue": the halting value one step later.
-                    _, _, _, q_next = self.core(z_H, z_L, data["inputs"], cond.context)
+                    _, _, _, q_next = self.core(z_H, z_L, data["inputs"], cond.context, cond.mask, cond.positions)
                     best_next = torch.where(steps >= max_steps, q_next[:, 0], q_next.max(dim=-1).values)
                     target_q_continue = torch.sigmoid(best_next)
         new_carry = Carry(z_H.detach(), z_L.detach(), steps.to(torch.int32), halted, data)
