@@ -185,3 +185,41 @@ def test_2d_rotary_positions_make_a_relative_offset_one_rotation_wherever_it_lie
 
 def one_d_freqs(dim):
     return 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+
+def test_relative_attention_is_the_formula_with_offset_keys_and_values():
+    """score_ij = (q_i . k_j + q_i . rK[o_ij]) / sqrt(d); out_i = sum_j a_ij (v_j + rV[o_ij]),
+    written out per pair; masked keys get no weight."""
+    from trm.model.layers import Attention
+
+    torch.manual_seed(0)
+    B, T, H, heads, N = 2, 5, 8, 2, 4
+    attn = Attention(H, heads, offsets=N).double()
+    x = torch.randn(B, T, H, dtype=torch.float64)
+    offsets = torch.randint(0, N, (B, T, T))
+    mask = torch.tensor([[True] * 5, [True, True, False, True, False]])
+    got = attn(x, key_mask=mask, offsets=offsets)
+    q, k, v = attn.qkv(x).view(B, T, 3, heads, H // heads).permute(2, 0, 3, 1, 4)
+    d = H // heads
+    out = torch.zeros(B, heads, T, d, dtype=torch.float64)
+    for b in range(B):
+        for h in range(heads):
+            for i in range(T):
+                scores = torch.stack([(q[b, h, i] @ k[b, h, j] + q[b, h, i] @ attn.offset_keys[h, offsets[b, i, j]]) / d**0.5
+                                      if mask[b, j] else torch.tensor(-torch.inf, dtype=torch.float64) for j in range(T)])  # fmt: skip
+                a = torch.softmax(scores, 0)
+                out[b, h, i] = sum(a[j] * (v[b, h, j] + attn.offset_values[h, offsets[b, i, j]]) for j in range(T))
+    torch.testing.assert_close(got, attn.out(out.transpose(1, 2).reshape(B, T, H)))
+
+
+def test_cell_offsets_by_hand():
+    from trm.model.layers import cell_offsets
+
+    cells = torch.tensor([[-1, 0, 5, 8]])  # on a 3x3 canvas: none, (0,0), (1,2), (2,2)
+    o = cell_offsets(cells, 3)
+    span = 5
+    assert o[0, 1, 2] == (1 + 2) * span + (2 + 2)  # (0,0) -> (1,2): dy 1, dx 2
+    assert o[0, 2, 1] == (-1 + 2) * span + (-2 + 2)
+    assert o[0, 2, 3] == (1 + 2) * span + (0 + 2)  # (1,2) -> (2,2): straight down
+    assert (o[0, 0] == span * span).all() and (o[0, :, 0] == span * span).all()  # no cell
+    assert o[0, 1, 1] == 2 * span + 2  # itself: (0, 0)

@@ -28,6 +28,18 @@ def stablemax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_i
     return -torch.where(valid, picked, 0)
 
 
+def cell_offsets(cells: torch.Tensor, side: int) -> torch.Tensor:
+    """(B, T) canvas cell of each token (row-major on a side x side canvas; -1: a token without a
+    cell) -> (B, T, T) index of each pair's offset (dy, dx) of key j from query i, one of
+    (2 side - 1)^2, or (2 side - 1)^2 where either token has no cell."""
+    span = 2 * side - 1
+    row, col = torch.div(cells, side, rounding_mode="floor"), cells % side
+    dy, dx = row[:, None, :] - row[:, :, None], col[:, None, :] - col[:, :, None]
+    index = (dy + side - 1) * span + (dx + side - 1)
+    both = (cells[:, None, :] >= 0) & (cells[:, :, None] >= 0)
+    return torch.where(both, index, span * span)
+
+
 def trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
     """Normal truncated at two standard deviations, rescaled so that the *truncated* distribution
     has standard deviation ``std`` (plain truncation would shrink it by about 12 %)."""
@@ -123,27 +135,58 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    """Non-causal multi-head self-attention, optionally with rotary positions and a key mask."""
+    """Non-causal multi-head self-attention, optionally with rotary positions, a key mask, and
+    learned relative offsets.
 
-    def __init__(self, hidden: int, num_heads: int):
+    With ``offsets`` (the number of distinct relative offsets between two tokens, e.g. the (dy, dx)
+    of two cells), each head learns a key and a value embedding per offset (relative attention with
+    key and value terms): the score of query i for key j gains q_i . rK[o_ij] / sqrt(d), and the
+    output gains sum_j a_ij rV[o_ij]. The first lets a head look at a cell by where it is from the
+    query (an offset that the query's content can choose); the second lets it read where what it
+    found lies. Computed per offset, not per pair: q . rK for every offset (B, heads, T, N), then
+    gathered; the weights summed per offset, then times rV.
+    """
+
+    def __init__(self, hidden: int, num_heads: int, offsets: int | None = None):
         super().__init__()
         if hidden % num_heads:
             raise ValueError(f"hidden size {hidden} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.qkv = linear(hidden, 3 * hidden)
         self.out = linear(hidden, hidden)
+        self.offset_keys = self.offset_values = None
+        if offsets is not None:
+            d = hidden // num_heads
+            self.offset_keys = nn.Parameter(trunc_normal_(torch.empty(num_heads, offsets, d), 1.0 / math.sqrt(d)))
+            self.offset_values = nn.Parameter(trunc_normal_(torch.empty(num_heads, offsets, d), 1.0 / math.sqrt(d)))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                key_mask: torch.Tensor | None = None, offsets: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """x: (B, T, hidden); rope: (cos, sin) of :meth:`Rotary.tables`, or None; key_mask: (B, T)
-        bool, True where a key may be attended."""
+        bool, True where a key may be attended; offsets: (B, T, T) long, the offset of key j from
+        query i (with relative offsets)."""
         B, T, H = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         mask = None if key_mask is None else key_mask[:, None, None, :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.offset_keys is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            y = self._relative(q, k, v, mask, offsets)
         return self.out(y.transpose(1, 2).reshape(B, T, H))
+
+    def _relative(self, q, k, v, mask, offsets):
+        """Attention with the offset terms; q, k, v: (B, heads, T, d); offsets: (B, T, T)."""
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        index = offsets[:, None].expand(-1, q.shape[1], -1, -1)  # (B, heads, T, T)
+        per_offset = torch.einsum("bhtd,hnd->bhtn", q, self.offset_keys.to(q.dtype))
+        scores = (q @ k.transpose(-1, -2) + per_offset.gather(-1, index)) * scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        by_offset = weights.new_zeros(*weights.shape[:-1], self.offset_keys.shape[1]).scatter_add_(-1, index, weights)
+        return weights @ v + torch.einsum("bhtn,hnd->bhtd", by_offset, self.offset_values.to(q.dtype))
 
 
 class SequenceMLP(nn.Module):
@@ -153,7 +196,7 @@ class SequenceMLP(nn.Module):
         super().__init__()
         self.mlp = SwiGLU(seq_len, expansion)
 
-    def forward(self, x: torch.Tensor, rope=None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope=None, key_mask: torch.Tensor | None = None, offsets=None) -> torch.Tensor:
         return self.mlp(x.transpose(1, 2)).transpose(1, 2)
 
 
@@ -164,16 +207,16 @@ class Block(nn.Module):
     """
 
     def __init__(self, hidden: int, num_heads: int, expansion: float, post_norm: bool = True,
-                 eps: float = 1e-5, seq_mlp_len: int | None = None):
+                 eps: float = 1e-5, seq_mlp_len: int | None = None, offsets: int | None = None):
         super().__init__()
-        self.mixer = SequenceMLP(seq_mlp_len, expansion) if seq_mlp_len else Attention(hidden, num_heads)
+        self.mixer = SequenceMLP(seq_mlp_len, expansion) if seq_mlp_len else Attention(hidden, num_heads, offsets)
         self.mlp = SwiGLU(hidden, expansion)
         self.post_norm, self.eps = post_norm, eps
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                key_mask: torch.Tensor | None = None, offsets: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         if self.post_norm:
-            x = rms_norm(x + self.mixer(x, rope, key_mask), self.eps)
+            x = rms_norm(x + self.mixer(x, rope, key_mask, offsets), self.eps)
             return rms_norm(x + self.mlp(x), self.eps)
-        x = x + self.mixer(rms_norm(x, self.eps), rope, key_mask)
+        x = x + self.mixer(rms_norm(x, self.eps), rope, key_mask, offsets)
         return x + self.mlp(rms_norm(x, self.eps))

@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trm.model.config import ArchConfig
 from trm.model.conditioning import Conditioner, Conditioning, LatentSteps
-from trm.model.layers import IGNORE_INDEX, Block, Rotary, linear, stablemax_cross_entropy, trunc_normal_
+from trm.model.layers import IGNORE_INDEX, Block, Rotary, cell_offsets, linear, stablemax_cross_entropy, trunc_normal_
 
 
 class RecursiveCore(nn.Module):
@@ -29,11 +29,13 @@ class RecursiveCore(nn.Module):
         self.embed_scale = math.sqrt(H)
         self.embed_tokens = nn.Embedding(vocab_size, H)
         trunc_normal_(self.embed_tokens.weight, 1.0 / self.embed_scale)
-        grid = (P, math.isqrt(seq_len)) if arch.rope_2d else None
-        self.rotary = None if arch.mlp_t else Rotary(H // arch.num_heads, P + seq_len, arch.rope_theta, grid)
+        self.side = math.isqrt(seq_len)
+        grid = (P, self.side) if arch.rope_2d else None
+        offsets = (2 * self.side - 1) ** 2 + 1 if arch.relative_2d else None  # every (dy, dx), and "no cell"
+        self.rotary = None if arch.mlp_t or arch.relative_2d else Rotary(H // arch.num_heads, P + seq_len, arch.rope_theta, grid)
         self.blocks = nn.ModuleList(
             Block(H, arch.num_heads, arch.expansion, post_norm=True, eps=arch.rms_norm_eps,
-                  seq_mlp_len=(P + seq_len) if arch.mlp_t else None)
+                  seq_mlp_len=(P + seq_len) if arch.mlp_t else None, offsets=offsets)
             for _ in range(arch.L_layers)
         )  # fmt: skip
         self.lm_head = linear(H, vocab_size)
@@ -43,10 +45,11 @@ class RecursiveCore(nn.Module):
         self.register_buffer("H_init", trunc_normal_(torch.empty(H), 1.0))
         self.register_buffer("L_init", trunc_normal_(torch.empty(H), 1.0))
 
-    def net(self, z: torch.Tensor, injection: torch.Tensor, rope=None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def net(self, z: torch.Tensor, injection: torch.Tensor, rope=None, key_mask: torch.Tensor | None = None,
+            offsets: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         z = z + injection
         for block in self.blocks:
-            z = block(z, rope, key_mask)
+            z = block(z, rope, key_mask, offsets)
         return z
 
     def forward(self, z_H: torch.Tensor, z_L: torch.Tensor, inputs: torch.Tensor, context: torch.Tensor,
@@ -61,7 +64,12 @@ class RecursiveCore(nn.Module):
         B, P = context.shape[:2]
         tokens = self.embed_scale * self.embed_tokens(inputs)
         x = torch.cat((context.to(tokens.dtype), tokens), dim=1)
-        rope = key_mask = None
+        rope = key_mask = offsets = None
+        if self.arch.relative_2d:  # a context token has a cell where its position is one of the grid's
+            context_cells = torch.full((B, P), -1, device=inputs.device) if context_positions is None else \
+                torch.where(context_positions >= self.arch.puzzle_emb_len, context_positions - self.arch.puzzle_emb_len, -1)
+            grid_cells = torch.arange(inputs.shape[1], device=inputs.device).expand(B, -1)
+            offsets = cell_offsets(torch.cat((context_cells, grid_cells), dim=1), self.side)
         if self.rotary is not None:
             positions = None
             if context_positions is not None:
@@ -73,11 +81,11 @@ class RecursiveCore(nn.Module):
         with torch.no_grad():
             for _ in range(self.arch.H_cycles - 1):
                 for _ in range(self.arch.L_cycles):
-                    z_L = self.net(z_L, z_H + x, rope, key_mask)
-                z_H = self.net(z_H, z_L, rope, key_mask)
+                    z_L = self.net(z_L, z_H + x, rope, key_mask, offsets)
+                z_H = self.net(z_H, z_L, rope, key_mask, offsets)
         for _ in range(self.arch.L_cycles):
-            z_L = self.net(z_L, z_H + x, rope, key_mask)
-        z_H = self.net(z_H, z_L, rope, key_mask)
+            z_L = self.net(z_L, z_H + x, rope, key_mask, offsets)
+        z_H = self.net(z_H, z_L, rope, key_mask, offsets)
         logits = self.lm_head(z_H[:, P:])
         q_logits = self.q_head(z_H[:, 0]).float()
         return z_H, z_L, logits, q_logits
