@@ -105,7 +105,7 @@ def test_help_lists_every_key_with_its_value_and_description():
     assert all(description for _, description in keys), [k for k, d in keys if not d]
     out = subprocess.run([sys.executable, "pretrain_encoder.py", "experiment=E1v2", "preset=cpu", "--help"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120).stdout  # fmt: skip
-    assert "experiment=...: E0v2," in out and "E_diag1" in out and "preset=...: cpu, cpu_families" in out
+    assert "experiment=...: E0v2," in out and "E_diag1" in out and "preset=...: cpu, cpu_arc10, cpu_families, cpu_multifamily" in out
     lines = {line.split(" = ")[0].strip(): line for line in out.splitlines() if " = " in line}
     assert set(lines) == {k for k, _ in keys}
     assert lines["arch.hidden_size"].split("#")[0].split("=")[1].strip() == "64"  # the preset's value
