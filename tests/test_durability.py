@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -195,6 +196,41 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(tiny_dataset, tm
     monkeypatch.setattr(train_module, "train_step", healthy)
     run(tiny_dataset, tmp_path / "split", *extra)
     assert_same_training(tmp_path / "straight", tmp_path / "split")
+
+
+def test_a_stop_signal_during_an_evaluation_ends_it_at_once_and_the_run_resumes_evaluating_again(
+        tiny_dataset, tmp_path, monkeypatch):  # fmt: skip
+    """SIGTERM one second into the first evaluation, made to last a minute: the run exits within
+    seconds, with the checkpoint of that step saved before the evaluation; the same command resumes,
+    evaluates that step again and ends as the uninterrupted run (weights, every logged row)."""
+    extra = ("lr=1e-3", "log_interval=1", "checkpoint_interval=1000")
+    run(tiny_dataset, tmp_path / "straight", *extra)
+    healthy = train_module.evaluate_model
+    evaluated = []
+
+    def long(*args, **kwargs):
+        if not evaluated:
+            threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()  # as Slurm preempts
+        evaluated.append(1)
+        metrics = healthy(*args, **kwargs)
+        time.sleep(60)  # the rest of a long evaluation
+        return metrics
+
+    monkeypatch.setattr(train_module, "evaluate_model", long)
+    began = time.perf_counter()
+    with pytest.raises(Interrupted, match="stopped by SIGTERM during the evaluation at step (\\d+)") as err:
+        run(tiny_dataset, tmp_path / "split", *extra)
+    assert time.perf_counter() - began < 20 and err.value.exit_code == 128 + signal.SIGTERM
+    step = int(err.value.args[0].split("at step ")[1].split(";")[0])
+    state = final_state(tmp_path / "split")
+    assert state["step"] == step and state["evaluation_pending"] and not (tmp_path / "split" / "summary.json").exists()
+    assert not any(k.startswith("eval/") for r in read_rows(tmp_path / "split") for k in r)  # nothing of it logged
+    monkeypatch.setattr(train_module, "evaluate_model", healthy)
+    run(tiny_dataset, tmp_path / "split", *extra)
+    assert_same_training(tmp_path / "straight", tmp_path / "split")
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("straight", "split")]
+    assert {k: v for k, v in summaries[0].items() if k.startswith(("eval/", "ARC/"))} == \
+        {k: v for k, v in summaries[1].items() if k.startswith(("eval/", "ARC/"))}  # fmt: skip
 
 
 def test_runs_started_in_the_same_second_get_their_own_folders(tiny_dataset, tmp_path, monkeypatch):

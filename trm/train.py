@@ -255,11 +255,18 @@ def fast_path(cfg: TrainConfig, model: TinyRecursiveModel, device: torch.device)
     return functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
+class StopDuringEvaluation(BaseException):
+    """A stop signal arrived during an evaluation, which the state saved before it makes safe to
+    abandon. A BaseException, so that no handler of ordinary errors swallows it."""
+
+
 class StopRequest:
     """SIGINT, SIGTERM and SIGUSR2 (Ctrl-C, Slurm preemption, submitit's time-limit warning) ask the
     loop to stop between two steps; it then saves a checkpoint and exits, after handing the signal
     to the handler it had before, where that is a Python function (submitit's, which requeues the
-    job). A second signal interrupts a single process at once (the last checkpoint stays)."""
+    job). During an evaluation (:meth:`abandoning`) the signal ends it at once instead: the state
+    was saved before it, and an evaluation may outlast a scheduler's grace period. A second signal
+    interrupts a single process at once (the last checkpoint stays)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
@@ -267,6 +274,7 @@ class StopRequest:
         self.signum: int | None = None
         self.world_size = world_size
         self._previous: dict[int, object] = {}
+        self._abandon = False
 
     def _handle(self, signum, frame):
         # Under torchrun a Ctrl-C reaches each worker twice (the terminal's SIGINT, then the agent's
@@ -274,6 +282,21 @@ class StopRequest:
         if self.signum is not None and self.world_size == 1:
             raise KeyboardInterrupt
         self.signum = self.signum or signum
+        if self._abandon:
+            raise StopDuringEvaluation
+
+    @contextlib.contextmanager
+    def abandoning(self):
+        """A block (an evaluation) that a stop signal ends at once, with :class:`StopDuringEvaluation`
+        (also when the signal came just before it). Under torchrun every rank gets the signal and
+        leaves its own evaluation."""
+        if self.signum is not None:
+            raise StopDuringEvaluation
+        self._abandon = True
+        try:
+            yield
+        finally:
+            self._abandon = False
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -346,7 +369,7 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
     sampler = EpochSampler(train_split, cfg.global_batch_size, cfg.seed)
     torch.manual_seed(cfg.seed * 7919 + env.rank + 1)  # per-rank randomness (halting exploration)
     demos = model.conditioner.demos
-    step, carry, skipped_before = 0, None, 0
+    step, carry, skipped_before, evaluation_pending = 0, None, 0, False
     if run.status == "resume":
         folder, shared, own = checkpoint.load_latest(run.path / "checkpoints", env)
         checkpoint.load_weights(model, shared["model"], str(folder / "state.pt"))
@@ -355,10 +378,12 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
             ema.load_state_dict(shared["ema"])
         sampler.load_state_dict(shared["sampler"])
         step, skipped_before = shared["step"], shared.get("skipped_steps", 0)
+        evaluation_pending = shared.get("evaluation_pending", False)
         if own is not None:
             checkpoint.set_rng_state(own["rng"])
             carry = Carry(**own["carry"]) if own["carry"] is not None else None
-    run_dir = on_main(lambda: rundir.open_run(run, raw_config, step, reevaluate=step >= plan.last_step))
+    reevaluate = evaluation_pending or step >= plan.last_step  # its evaluation rows of that step are logged again
+    run_dir = on_main(lambda: rundir.open_run(run, raw_config, step, reevaluate=reevaluate))
 
     autocast = fast_path(cfg, model, env.device)
     # The model itself evaluates and is saved; the wrapper only runs the training forward pass. The
@@ -384,11 +409,13 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
 
     saved_at = step if run.status == "resume" else None
 
-    def save():
+    def save(evaluation_pending: bool = False):
+        """A checkpoint of this step; ``evaluation_pending``: saved before the step's evaluation, so
+        that a run stopped during it resumes by evaluating again."""
         nonlocal saved_at
         shared = {"model": model.state_dict(), "optimisers": opt.state_dict(), "ema": ema and ema.state_dict(),
                   "sampler": feed.state_dict(), "step": step, "skipped_steps": skips.total(), "config": raw_config,
-                  "metadata": train_split.meta}  # fmt: skip
+                  "metadata": train_split.meta, "evaluation_pending": evaluation_pending}  # fmt: skip
         own = {"carry": carry and carry.state_dict(), "rng": checkpoint.rng_state()}
         saved_at = step
         return checkpoint.save(run_dir / "checkpoints", step, shared, own, env, cfg.keep_checkpoints)
@@ -406,6 +433,16 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
             bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in headline.items()))
         return metrics
 
+    def evaluate_here() -> None:
+        """The evaluation of this step, between a checkpoint before it (a stop signal abandons it
+        with nothing lost) and one after; then the early-stopping rules."""
+        nonlocal last_eval, stop_reason
+        save(evaluation_pending=True)
+        with stop.abandoning():
+            last_eval = evaluate()
+        stop_reason = early_stop_reason(cfg.early_stop, last_eval, step, plan.total_steps)
+        save()
+
     window, skips, last_train, last_eval = MetricWindow(), SkippedSteps(skipped_before, env.device), {}, {}
     stop_reason = None
     start, start_step = time.perf_counter(), step
@@ -414,55 +451,61 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
     rows = slice(env.rank * plan.local_batch_size, (env.rank + 1) * plan.local_batch_size)
     feed = TrainFeed(train_split, sampler, rows, demos, env.device)
     with StopRequest(env.world_size) as stop, contextlib.closing(feed):
-        while step < plan.last_step:
-            batch = feed.next(*((carry.halted, carry.data.get("demo_rows")) if carry is not None else ()))
-            if step == start_step and carry is not None and carry.data.keys() != model.initial_carry(batch).data.keys():
-                carry = None  # resumed with a carry saved with other demonstrations: the slots restart
-            carry = carry or model.initial_carry(batch)
-            step += 1
-            carry, metrics, lrs, ok = train_step(model, carry, batch, opt, cfg, step, plan, autocast, feed, ddp)
-            if ema is not None:
-                ema.update(ok)
-            window.add(metrics, ok)
-            skips.add(ok)
-            bar.update(1)
+        try:
+            if evaluation_pending:  # stopped during this step's evaluation: evaluate again first
+                evaluate_here()
+            while step < plan.last_step and not stop_reason:
+                batch = feed.next(*((carry.halted, carry.data.get("demo_rows")) if carry is not None else ()))
+                if step == start_step and carry is not None and carry.data.keys() != model.initial_carry(batch).data.keys():
+                    carry = None  # resumed with a carry saved with other demonstrations: the slots restart
+                carry = carry or model.initial_carry(batch)
+                step += 1
+                carry, metrics, lrs, ok = train_step(model, carry, batch, opt, cfg, step, plan, autocast, feed, ddp)
+                if ema is not None:
+                    ema.update(ok)
+                window.add(metrics, ok)
+                skips.add(ok)
+                bar.update(1)
 
-            if step % cfg.log_interval == 0 or step == plan.last_step:
-                last_train = {**window.reduce(cfg.global_batch_size), **lrs, **skips.metrics()}
-                logger.log(last_train, step)
-                shown = {"loss": "train/lm_loss", "acc": "train/accuracy", "exact": "train/exact_accuracy",
-                         "sps": "timing/samples_per_sec"}  # fmt: skip
-                bar.set_postfix({k: f"{last_train[m]:.3g}" for k, m in shown.items() if m in last_train})
-                if skips.longest_run >= cfg.max_skipped_steps:
+                if step % cfg.log_interval == 0 or step == plan.last_step:
+                    last_train = {**window.reduce(cfg.global_batch_size), **lrs, **skips.metrics()}
+                    logger.log(last_train, step)
+                    shown = {"loss": "train/lm_loss", "acc": "train/accuracy", "exact": "train/exact_accuracy",
+                             "sps": "timing/samples_per_sec"}  # fmt: skip
+                    bar.set_postfix({k: f"{last_train[m]:.3g}" for k, m in shown.items() if m in last_train})
+                    if skips.longest_run >= cfg.max_skipped_steps:
+                        bar.close()
+                        logger.finish({**last_train, "step": step, "diverged": True})
+                        raise FloatingPointError(
+                            f"{skips.longest_run} steps in a row up to step {step} had a non-finite loss or gradient "
+                            f"(max_skipped_steps={cfg.max_skipped_steps}); {run_dir / 'checkpoints'} keeps the last "
+                            "good state"
+                        )
+                if (plan.eval_every_steps and step % plan.eval_every_steps == 0) or step == plan.last_step:
+                    evaluate_here()
+                elif step % cfg.checkpoint_interval == 0:
+                    save()
+                if stop_reason:
+                    if env.is_main:
+                        bar.write(stop_reason)
+                    break
+                if stop.agreed(env, step, cfg.log_interval) and step < plan.last_step:
+                    folder = save() if saved_at != step else run_dir / "checkpoints" / f"step_{step:08d}"
                     bar.close()
-                    logger.finish({**last_train, "step": step, "diverged": True})
-                    raise FloatingPointError(
-                        f"{skips.longest_run} steps in a row up to step {step} had a non-finite loss or gradient "
-                        f"(max_skipped_steps={cfg.max_skipped_steps}); {run_dir / 'checkpoints'} keeps the last "
-                        "good state"
-                    )
-            evaluating = (plan.eval_every_steps and step % plan.eval_every_steps == 0) or step == plan.last_step
-            if evaluating:
-                last_eval = evaluate()
-                stop_reason = early_stop_reason(cfg.early_stop, last_eval, step, plan.total_steps)
-            if evaluating or step % cfg.checkpoint_interval == 0:
-                save()
-            if stop_reason:
-                if env.is_main:
-                    bar.write(stop_reason)
-                break
-            if stop.agreed(env, step, cfg.log_interval) and step < plan.last_step:
-                folder = save() if saved_at != step else run_dir / "checkpoints" / f"step_{step:08d}"
-                bar.close()
-                logger.close()
-                stop.hand_over()
-                raise Interrupted(stop.signum, f"stopped by {signal.Signals(stop.signum).name} at step {step}; "
-                                  f"checkpoint {folder}: the same command resumes the run")  # fmt: skip
+                    logger.close()
+                    stop.hand_over()
+                    raise Interrupted(stop.signum, f"stopped by {signal.Signals(stop.signum).name} at step {step}; "
+                                      f"checkpoint {folder}: the same command resumes the run")  # fmt: skip
+            if not last_eval:  # resumed at its last step (killed before the summary, or extended to evaluate again)
+                evaluate_here()
+        except StopDuringEvaluation:
+            bar.close()
+            logger.close()
+            stop.hand_over()
+            raise Interrupted(stop.signum, f"stopped by {signal.Signals(stop.signum).name} during the evaluation at step "
+                              f"{step}; checkpoint {run_dir / 'checkpoints' / f'step_{step:08d}'} (saved before it): the "
+                              "same command resumes the run and evaluates again")  # fmt: skip
     bar.close()
-    if not last_eval:  # resumed at its last step (killed before the summary, or extended to evaluate again)
-        last_eval = evaluate()
-    if saved_at != step:
-        save()
 
     elapsed = time.perf_counter() - start
     summary = {
