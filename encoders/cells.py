@@ -2,7 +2,8 @@
 
 Each demonstration pair's cells become tokens (``arch.encoder_pair_layout``: :class:`PairEmbedding`),
 optionally contextualised by a per-pair transformer (``arch.encoder_num_layers``, default 1; cells
-attend within their own pair), plus a learned embedding of the pair's slot, so that cells of one pair
+attend within their own pair; with ``arch.relative_2d`` they see each other's offset (dy, dx), as the
+core's cells do), plus a learned embedding of the pair's slot, so that cells of one pair
 are known as one pair's. Then:
 
 - ``in_context``: every cell token is a context token of the core, beside the query grid: the core's
@@ -38,7 +39,7 @@ from encoders.config import EncoderArchConfig
 from encoders.objectives import add_contrastive, latent_steps_of
 from trm.data.demos import PackedDemos, cell_triples
 from trm.model.conditioning import Conditioner, Conditioning, register_conditioner
-from trm.model.layers import Block, SwiGLU, block_flops, linear, rms_norm, swiglu_width, trunc_normal_
+from trm.model.layers import Block, SwiGLU, block_flops, cell_offsets, linear, rms_norm, swiglu_width, trunc_normal_
 
 
 def any_key(mask: torch.Tensor) -> torch.Tensor:
@@ -64,8 +65,10 @@ class CellConditioner(Conditioner):
         d = arch.encoder_hidden_size or arch.hidden_size
         self.dim, self.heads = d, arch.encoder_num_heads or arch.num_heads
         self.embed = PairEmbedding(metadata["vocab_size"], metadata["grid_size"], d, layout)
+        self.side = metadata["grid_size"]
+        offsets = (2 * self.side - 1) ** 2 + 1 if arch.relative_2d else None  # as the core's: cells see their (dy, dx)
         self.blocks = nn.ModuleList(
-            Block(d, self.heads, arch.expansion, post_norm=False, eps=arch.rms_norm_eps)
+            Block(d, self.heads, arch.expansion, post_norm=False, eps=arch.rms_norm_eps, offsets=offsets)
             for _ in range(1 if arch.encoder_num_layers is None else arch.encoder_num_layers)
         )
         self.slot = nn.Parameter(trunc_normal_(torch.empty(metadata["max_demos"], d), 0.5))
@@ -84,8 +87,9 @@ class CellConditioner(Conditioner):
         transformer, and the cell mask (N, T)."""
         x, cells = self.embed(triples)
         keys = any_key(cells)
+        offsets = cell_offsets(triples[..., 2], self.side) if self.arch.relative_2d else None
         for block in self.blocks:
-            x = block(x, key_mask=keys)
+            x = block(x, key_mask=keys, offsets=offsets)
         return rms_norm(x, self.arch.rms_norm_eps), cells
 
     def compile_parts(self) -> None:

@@ -83,12 +83,14 @@ def test_every_weight_trains_on_continuing_act_steps(conditioner, layout):
 
 
 @pytest.mark.parametrize("conditioner,layout", CASES)
-def test_packed_cells_give_the_padded_step_and_gradients(conditioner, layout):
+@pytest.mark.parametrize("relative", [False, True])
+def test_packed_cells_give_the_padded_step_and_gradients(conditioner, layout, relative):
     """The same demonstrations on the canvas (every slot, PAD cells masked) and packed (each
     example's cells in a row, in several buckets, rows padded to the longest): the core's logits
-    and halting, and every weight's gradient, agree in float64."""
+    and halting, and every weight's gradient, agree in float64; also with relative 2-D attention
+    (in the core and the per-pair transformer), whose offsets come from the cells' positions."""
     padded, packed = canvases()
-    model = make_model(make_cfg(conditioner, layout, encoder_packing=False)).double()
+    model = make_model(make_cfg(conditioner, layout, encoder_packing=False, relative_2d=relative)).double()
     results = []
     for batch in (padded, packed(layout)):
         carry, out = model(model.initial_carry(batch), batch)

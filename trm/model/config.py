@@ -38,7 +38,8 @@ class ArchConfig(Strict):
         "instead of by their index in the sequence")  # fmt: skip
     relative_2d: bool = Field(
         False, description="in place of rotary positions, attention sees each pair of cells' offset (dy, dx) through "
-        "a learned key and value embedding per offset and head (context tokens with a cell included)")  # fmt: skip
+        "a learned key and value embedding per offset and head (context tokens with a cell included; a conditioner "
+        "that reads every cell does the same in its per-pair transformer)")  # fmt: skip
     rms_norm_eps: float = Field(1e-5, description="epsilon of the RMS norms")
     mlp_t: bool = Field(False, description="replace attention by a SwiGLU over the sequence axis")
     halt_max_steps: int = Field(16, ge=1, description="ACT supervision steps per example at most (all of them in evaluation)")
