@@ -184,7 +184,7 @@ class Attention(nn.Module):
         scores = (q @ k.transpose(-1, -2) + per_offset.gather(-1, index)) * scale
         if mask is not None:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        weights = torch.softmax(at_least_float32(scores), dim=-1).to(q.dtype)
         by_offset = weights.new_zeros(*weights.shape[:-1], self.offset_keys.shape[1]).scatter_add_(-1, index, weights)
         return weights @ v + torch.einsum("bhtn,hnd->bhtd", by_offset, self.offset_values.to(q.dtype))
 
