@@ -282,8 +282,8 @@ class Queue:
         """Why a running job is stale, or None while its runner lives."""
         if record.get("host") == self.host and not alive(record.get("runner_pid")):
             live = self.live_processes(record)
-            return (f"its runner (pid {record.get('runner_pid')}) on {self.host} is gone; "
-                    + (f"its processes (group {record.get('pgid')}: pids {live}) are being stopped" if live else "so is its job"))  # fmt: skip
+            job = f"its processes (group {record.get('pgid')}: pids {live}) are being stopped" if live else "so is its job"
+            return f"its runner (pid {record.get('runner_pid')}) on {self.host} is gone; {job}"
         beat = record.get("heartbeat")
         if beat and time.time() - datetime.fromisoformat(beat).timestamp() > self.stale_after:
             return f"no heartbeat since {beat} (runner pid {record.get('runner_pid')} on {record.get('host')})"
