@@ -1,9 +1,15 @@
+import hashlib
+import io
 import json
+import multiprocessing
+import os
 
 import numpy as np
 import pytest
 
+from trm.data import build
 from trm.data.build import BuildOptions, build_dataset, ensure_dataset
+from trm.data.families import FamilyOptions
 from trm.data.dataset import ArcSplit, EpochSampler
 from trm.data.grids import decode_grid, inverse_augment
 from trm.data.tasks import ArcDataError, load_source
@@ -19,6 +25,54 @@ def test_build_is_deterministic(tiny_dataset, tmp_path):
             a = np.load(path / split / f"{name}.npy")
             b = np.load(tmp_path / "again" / split / f"{name}.npy")
             np.testing.assert_array_equal(a, b, err_msg=f"{split}/{name}")
+
+
+def _hashes(folder):
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("options", [
+    BuildOptions(num_train_groups=3, num_eval_groups=2, num_augmentations=5, max_grid_size=8),
+    BuildOptions(train_sources=["families/train"], eval_sources=["families/unseen_params", "families/unseen_families"],
+                 split="heldout", max_grid_size=8, num_augmentations=4, max_demos=3,
+                 families=FamilyOptions(train_tasks=12, eval_tasks=3)),
+], ids=["arc-agi-1-trm", "families-heldout"])  # fmt: skip
+def test_the_parallel_streaming_build_equals_the_sequential_one(tmp_path, monkeypatch, options):
+    """Every file byte for byte, whether one process makes the examples or two, and whether a
+    task's versions are written at once or in blocks of two (so blocks end inside tasks, whose
+    translations continue across them); every .npy file is what np.save writes for its array."""
+    build_dataset(options, tmp_path / "one", log=lambda *_: None, workers=1)
+    monkeypatch.setattr(build, "BLOCK", 2)  # the forked workers inherit it
+    build_dataset(options, tmp_path / "two", log=lambda *_: None, workers=2)
+    one = _hashes(tmp_path / "one")
+    assert len(one) == 1 + 2 * 13 and one == _hashes(tmp_path / "two")
+    assert json.loads((tmp_path / "one" / "build.json").read_text())["examples"]["test"] > 0
+    for f in (tmp_path / "two").rglob("*.npy"):
+        saved = io.BytesIO()
+        np.save(saved, np.load(f))
+        assert saved.getvalue() == f.read_bytes(), f
+
+
+def test_a_task_failing_in_a_worker_is_named_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    src = tmp_path / "tasks"
+    for name in ("a", "b", "c"):
+        _write(src, f"{name}.json", GOOD)
+    augmented = build._augmented
+
+    def planted(task, t, colours):  # a fault inside the worker that makes task b's examples
+        if task.name == "tasks:b":
+            raise RuntimeError(f"planted in process {os.getpid()}")
+        return augmented(task, t, colours)
+
+    monkeypatch.setattr(build, "_augmented", planted)
+    options = BuildOptions(train_sources=[str(src)], eval_sources=[], num_augmentations=3, max_grid_size=5)
+    out = tmp_path / "out" / "ds"
+    with pytest.raises(ArcDataError) as err:
+        build_dataset(options, out, log=lambda *_: None, workers=2)
+    message = str(err.value)
+    assert message.startswith("task tasks:b: RuntimeError: planted in process ") and "\n" not in message
+    assert int(message.rsplit(" ", 1)[1]) != os.getpid()  # it failed in a worker
+    assert list((tmp_path / "out").iterdir()) == [] and multiprocessing.active_children() == []
 
 
 def test_layout_metadata_and_demonstrations(tiny_dataset):

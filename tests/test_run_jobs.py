@@ -81,35 +81,133 @@ def test_two_runners_never_take_the_same_job(tmp_path):
     assert jobs.read_text() == "".join(f"[x] {c}\n" for c in commands)
 
 
-def test_a_killed_runner_leaves_its_job_stale_until_retried(tmp_path):
-    attempts = tmp_path / "attempts"
-    code = (f"import time; p = {str(attempts)!r}; open(p, 'a').write('x'); "
-            "n = len(open(p).read()); time.sleep(120 if n == 1 else 0)")  # fmt: skip
-    command = job(tmp_path, "long", code)
+# A job's process: records its pid under its label (torchrun's workers add their rank), then, until
+# the test creates "release", sleeps. It records each SIGTERM; then, like a training run saving its
+# checkpoint, it exits 143 half a second later, or, with "ignore" in its label, sleeps on (SIGKILL
+# needed).
+WORKER = """
+import os, signal, sys, time
+from pathlib import Path
+here, label = Path(sys.argv[0]).parent, sys.argv[1] + os.environ.get("RANK", "")
+stopping = []
+def on_term(*_):
+    with open(here / "signals", "a") as f:
+        f.write(f"TERM {label}\\n")
+    stopping.append(time.monotonic())
+signal.signal(signal.SIGTERM, on_term)
+with open(here / "pids", "a") as f:
+    f.write(f"{label} {os.getpid()}\\n")
+while not (here / "release").exists():
+    if stopping and "ignore" not in label and time.monotonic() - stopping[0] > 0.5:
+        sys.exit(143)
+    time.sleep(0.05)
+"""
+
+
+def worker(tmp_path) -> str:
+    (tmp_path / "worker.py").write_text(WORKER)
+    return f"{sys.executable} {tmp_path / 'worker.py'}"
+
+
+def started(tmp_path) -> dict[str, int]:
+    """label -> pid of the job's processes that have started."""
+    pids = tmp_path / "pids"
+    lines = pids.read_text().splitlines() if pids.exists() else []
+    return {label: int(pid) for label, pid in map(str.split, lines)}
+
+
+def live(pids, pgid: int) -> list[int]:
+    """Those of ``pids``, and of process group ``pgid``, that run (zombies have ended)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            state, _, group = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if state not in "ZX" and (int(entry) in pids or int(group) == pgid):
+            found.append(int(entry))
+    return found
+
+
+# The job's processes, by label; under sh -c, dash forks each command instead of replacing itself.
+JOBS = {
+    "plain": ("{w} term", ["term"]),
+    "env-sh-chain": ("env X=1 sh -c '{w} term-bg & {w} ignore; {w} after' run_dir={runs}/chain", ["term-bg", "ignore"]),
+    "torchrun": ("env OMP_NUM_THREADS=1 {py} -m torch.distributed.run --standalone --nproc-per-node 2 {script} term-rank",
+                 ["term-rank0", "term-rank1"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", list(JOBS))
+def test_a_killed_runner_stops_every_process_of_its_job_and_leaves_it_stale_until_retried(tmp_path, kind):
+    """SIGKILL the runner: every process of the job gets SIGTERM once (directly, or from torchrun's
+    agent), those that ignore it SIGKILL after the grace period, and none is left; the job is stale
+    until --retry-stale runs it to the end."""
+    text, labels = JOBS[kind]
+    command = text.format(w=worker(tmp_path), script=tmp_path / "worker.py", py=sys.executable, runs=tmp_path / "runs")
+    command += f" run_dir={tmp_path / 'runs' / kind}"
     jobs = tmp_path / "jobs.txt"
     jobs.write_text(f"[ ] {command}\n")
-    first = subprocess.Popen([sys.executable, str(SCRIPT), "--file", str(jobs)], stdout=subprocess.DEVNULL)
-    child = wait_for(lambda: jobs.with_name("jobs.txt.state.json").is_file() and records(jobs)[command].get("pid"))
+    grace = 4.0  # a margin for the processes that stop at SIGTERM (in half a second) on a busy machine
+    first = subprocess.Popen([sys.executable, str(SCRIPT), "--file", str(jobs), "--grace", str(grace)], stdout=subprocess.DEVNULL)
+    pids = wait_for(lambda: (p := started(tmp_path)).keys() == set(labels) and p, timeout=60)
+    pgid = records(jobs)[command]["pgid"]
+    assert pgid == records(jobs)[command]["pid"] and os.getpgid(pgid) == pgid
     first.send_signal(signal.SIGKILL)
     first.wait()
-
-    def gone():
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            return True
-        return False
-
-    wait_for(gone)  # the job got SIGTERM with its runner's death
+    killed = time.monotonic()
+    wait_for(lambda: not live(set(pids.values()) | {pgid}, pgid), timeout=grace + 20)
+    assert sorted((tmp_path / "signals").read_text().splitlines()) == sorted(f"TERM {label}" for label in labels)
+    assert ("ignore" in labels) == (time.monotonic() - killed > grace)  # SIGKILL waited for the grace period
     assert jobs.read_text() == f"[~] {command}\n"
     listed = runner(jobs, "--list").stdout
-    assert "stale" in listed and "are gone" in listed
+    assert "stale" in listed and "is gone; so is its job" in listed
     plain = runner(jobs)
     assert plain.returncode == 1 and "stale" in plain.stderr and "--retry-stale" in plain.stderr
+    (tmp_path / "release").touch()
     retried = runner(jobs, "--retry-stale")
     assert retried.returncode == 0 and "re-queued (stale)" in retried.stdout
-    assert jobs.read_text() == f"[x] {command}\n" and attempts.read_text() == "xx"
-    assert records(jobs)[command]["attempts"] == 2
+    assert jobs.read_text() == f"[x] {command}\n" and records(jobs)[command]["attempts"] == 2
+
+
+def test_retry_stale_never_starts_a_job_while_its_earlier_attempt_lives(tmp_path):
+    command = f"env X=1 sh -c '{worker(tmp_path)} ignore' run_dir={tmp_path / 'runs' / 'stubborn'}"
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text(f"[ ] {command}\n")
+    first = subprocess.Popen([sys.executable, str(SCRIPT), "--file", str(jobs), "--grace", "120"], stdout=subprocess.DEVNULL)
+    (pid,) = wait_for(lambda: started(tmp_path), timeout=60).values()
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    supervisor = records(jobs)[command]["pid"]
+    began = time.monotonic()
+    refused = runner(jobs, "--retry-stale", "--grace", "1")
+    assert refused.returncode == 1 and time.monotonic() - began >= 1
+    (line,) = [line for line in refused.stderr.splitlines() if line.startswith("not re-queued")]
+    assert f"group {supervisor}: pids [" in line and str(pid) in line and f"kill -TERM {supervisor}" in line
+    assert jobs.read_text() == f"[~] {command}\n" and list(started(tmp_path)) == ["ignore"]  # not started again
+    os.kill(supervisor, signal.SIGTERM)  # as the line says: SIGKILL at once
+    wait_for(lambda: not live({pid, supervisor}, supervisor), timeout=10)
+    (tmp_path / "release").touch()
+    assert runner(jobs, "--retry-stale", "--grace", "1").returncode == 0 and jobs.read_text() == f"[x] {command}\n"
+
+
+def test_a_stopped_runner_stops_its_job_and_opens_it_again(tmp_path):
+    command = f"{worker(tmp_path)} term run_dir={tmp_path / 'runs' / 'stopped'}"
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text(f"[ ] {command}\n")
+    first = subprocess.Popen([sys.executable, str(SCRIPT), "--file", str(jobs), "--grace", "30"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    pids = wait_for(lambda: started(tmp_path), timeout=60)
+    pgid = records(jobs)[command]["pgid"]
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=30)
+    assert first.returncode == 128 + signal.SIGTERM and "!! SIGTERM: stopping 1 job(s)" in err
+    assert not live(set(pids.values()) | {pgid}, pgid)  # the runner waited for them
+    assert (tmp_path / "signals").read_text() == "TERM term\n" and f"<== stopped (exit 143), re-queued: {command}" in out
+    rec = records(jobs)[command]
+    assert jobs.read_text() == f"[ ] {command}\n" and (rec["state"], rec["exit_code"], rec["stopped"]) == ("open", 143, "SIGTERM")
+    (tmp_path / "release").touch()
+    assert runner(jobs).returncode == 0 and jobs.read_text() == f"[x] {command}\n"
 
 
 def test_a_line_edited_above_a_running_job_leaves_its_mark_right(tmp_path):
