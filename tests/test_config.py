@@ -73,8 +73,7 @@ def test_steps_come_from_examples_not_groups():
         plan_run(cfg, 250, world_size=3)
 
 
-FAMILY_EXPERIMENTS = ["E0v2_families", "E1v2_families", "E_diag1_families", "E2_lpn_families", "E3_lpn_var_families",
-                      "E7_attention_families", "E13_overlay_families"]  # fmt: skip
+FAMILY_EXPERIMENTS = sorted(p.stem for p in (ROOT / "config" / "experiment").glob("*_families.yaml"))
 
 
 @pytest.mark.parametrize("experiment", FAMILY_EXPERIMENTS)
@@ -89,7 +88,8 @@ def test_family_benchmark_experiments_keep_their_changes_at_both_sizes(experimen
         assert cfg.data.eval_sources == ["families/unseen_params", "families/unseen_families"]
         assert cfg.data.num_train_groups is None and cfg.data.num_eval_groups is None  # E0v2's 32 groups undone
         if entry == "cfg_pretrain_encoder":  # the experiment's own change survives benchmark and preset
-            for key in ("encoder_type", "encoder_pooling_method", "freeze_encoder", "encoder_pair_layout", "kl_weight"):
+            for key in ("conditioner", "encoder_type", "encoder_pooling_method", "freeze_encoder", "encoder_pair_layout",
+                        "kl_weight", "contrastive_weight", "latent_steps", "rope_2d", "relative_2d"):
                 assert getattr(cfg.arch, key) == getattr(plain.arch, key), key
         if preset:
             assert cfg.data.max_grid_size <= 10 and cfg.arch.hidden_size <= 128 and cfg.data.families.train_tasks <= 5000
