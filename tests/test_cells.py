@@ -171,7 +171,7 @@ def test_a_slot_that_keeps_its_example_keeps_its_state_when_the_context_length_c
 
     z = torch.arange(2 * 5 * 1, dtype=torch.float32).view(2, 5, 1)  # 3 context + 2 grid positions
     init = torch.tensor([-1.0])
-    longer = TinyRecursiveModel.fitted(None, z, init, 5, 2)
+    longer = TinyRecursiveModel.fitted(z, init, 5, 2)
     assert longer[:, :3].tolist() == z[:, :3].tolist() and (longer[:, 3:5] == -1).all() and longer[:, 5:].tolist() == z[:, 3:].tolist()
-    shorter = TinyRecursiveModel.fitted(None, z, init, 1, 2)
+    shorter = TinyRecursiveModel.fitted(z, init, 1, 2)
     assert shorter.tolist() == torch.cat([z[:, :1], z[:, 3:]], 1).tolist()

@@ -61,23 +61,10 @@ class RecursiveCore(nn.Module):
 
         Returns new (z_H, z_L), logits (B, L, vocab) and q_logits (B, 2) float32.
         """
-        B, P = context.shape[:2]
+        P = context.shape[1]
         tokens = self.embed_scale * self.embed_tokens(inputs)
         x = torch.cat((context.to(tokens.dtype), tokens), dim=1)
-        rope = key_mask = offsets = None
-        if self.arch.relative_2d:  # a context token has a cell where its position is one of the grid's
-            context_cells = torch.full((B, P), -1, device=inputs.device) if context_positions is None else \
-                torch.where(context_positions >= self.arch.puzzle_emb_len, context_positions - self.arch.puzzle_emb_len, -1)
-            grid_cells = torch.arange(inputs.shape[1], device=inputs.device).expand(B, -1)
-            offsets = cell_offsets(torch.cat((context_cells, grid_cells), dim=1), self.side)
-        if self.rotary is not None:
-            positions = None
-            if context_positions is not None:
-                grid = torch.arange(self.arch.puzzle_emb_len, self.arch.puzzle_emb_len + inputs.shape[1], device=inputs.device)
-                positions = torch.cat((context_positions, grid.expand(B, -1)), dim=1)
-            rope = self.rotary.tables(x.shape[1], positions)
-        if context_mask is not None:
-            key_mask = torch.cat((context_mask, context_mask.new_ones(inputs.shape)), dim=1)
+        rope, key_mask, offsets = self.positions(inputs, P, context_mask, context_positions)
         with torch.no_grad():
             for _ in range(self.arch.H_cycles - 1):
                 for _ in range(self.arch.L_cycles):
@@ -89,6 +76,26 @@ class RecursiveCore(nn.Module):
         logits = self.lm_head(z_H[:, P:])
         q_logits = self.q_head(z_H[:, 0]).float()
         return z_H, z_L, logits, q_logits
+
+    def positions(self, inputs: torch.Tensor, P: int, context_mask: torch.Tensor | None,
+                  context_positions: torch.Tensor | None):  # fmt: skip
+        """What the blocks' attention needs of the sequence [context (P), grid (L)]: rotary (cos,
+        sin), the key mask (B, P + L) and, with relative_2d, each pair's cell offset (B, T, T); None
+        where unused. The grid's cell i sits at position puzzle_emb_len + i whenever the context
+        has positions of its own; a context token at such a position is that cell's."""
+        B, L = inputs.shape
+        grid = torch.arange(L, device=inputs.device).expand(B, -1)
+        rope = key_mask = offsets = None
+        if self.rotary is not None:
+            positions = None if context_positions is None else torch.cat((context_positions, grid + self.arch.puzzle_emb_len), 1)
+            rope = self.rotary.tables(P + L, positions)
+        if self.arch.relative_2d:
+            context_cells = torch.full((B, P), -1, device=inputs.device) if context_positions is None else \
+                torch.where(context_positions >= self.arch.puzzle_emb_len, context_positions - self.arch.puzzle_emb_len, -1)  # fmt: skip
+            offsets = cell_offsets(torch.cat((context_cells, grid), dim=1), self.side)
+        if context_mask is not None:
+            key_mask = torch.cat((context_mask, context_mask.new_ones(B, L)), dim=1)
+        return rope, key_mask, offsets
 
 
 @dataclass
@@ -155,7 +162,8 @@ class TinyRecursiveModel(nn.Module):
         return (_where(mask, self.core.H_init.expand_as(carry.z_H), carry.z_H),
                 _where(mask, self.core.L_init.expand_as(carry.z_L), carry.z_L), torch.where(mask, 0, carry.steps))  # fmt: skip
 
-    def fitted(self, z: torch.Tensor, init: torch.Tensor, context_length: int, grid_length: int) -> torch.Tensor:
+    @staticmethod
+    def fitted(z: torch.Tensor, init: torch.Tensor, context_length: int, grid_length: int) -> torch.Tensor:
         """A recursion state (B, P_old + L, hidden) for a context of ``context_length`` positions:
         context positions past it dropped, or new ones added at ``init`` (hidden,). A slot's own
         context tokens come first, so a slot that keeps its example keeps its state: only padding
