@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from trm.adapt import (_leave_one_out_objective, _per_task, adapt_context, augmented_copies, check_target,
-                       demonstration_objective, finetune, leave_one_out)
+                       demonstration_objective, finetune)
+from trm.model.trm import leave_one_out
 from trm.config import AdaptConfig
 from trm.data.dataset import ArcSplit
 from trm.data.grids import PAD_ID, decode_grid

@@ -51,7 +51,6 @@ from trm.data.dataset import ArcSplit
 from trm.data.grids import NUM_DIHEDRAL, augment, decode_grid, encode_grid, random_colour_permutation
 from trm.model.conditioning import Conditioning
 from trm.model.layers import at_least_float32
-from trm.model.trm import leave_one_out  # noqa: F401  (the views of the leave-one-out objective)
 
 
 def demonstration_objective(model, conditioning: Conditioning, demos: dict[str, torch.Tensor],
