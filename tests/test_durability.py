@@ -177,6 +177,19 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tiny_datas
     assert len(checkpoint.checkpoints(tmp_path / "split" / "checkpoints")) == 3
 
 
+def test_a_resumed_runs_training_time_counts_every_session(tiny_dataset, tmp_path):
+    """summary.json's time/train_seconds is the run's, not only its last session's: the seconds a
+    checkpoint records are carried on by the session that resumes from it."""
+    run(tiny_dataset, tmp_path / "r", "max_steps=2")
+    latest = tmp_path / "r" / "checkpoints" / (tmp_path / "r" / "checkpoints" / "latest").read_text()
+    state = torch.load(latest / "state.pt", weights_only=False)
+    assert 0 < state["train_seconds"] < 600
+    state["train_seconds"] = 1e6  # as if the first session had trained for days
+    torch.save(state, latest / "state.pt")
+    summary = run(tiny_dataset, tmp_path / "r")
+    assert summary["step"] > 2 and 1e6 < summary["time/train_seconds"] < 1e6 + 600
+
+
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(tiny_dataset, tmp_path, monkeypatch):
     extra = ("lr=1e-3", "log_interval=1", "checkpoint_interval=1000")
     run(tiny_dataset, tmp_path / "straight", *extra)

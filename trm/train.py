@@ -369,7 +369,7 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
     sampler = EpochSampler(train_split, cfg.global_batch_size, cfg.seed)
     torch.manual_seed(cfg.seed * 7919 + env.rank + 1)  # per-rank randomness (halting exploration)
     demos = model.conditioner.demos
-    step, carry, skipped_before, evaluation_pending = 0, None, 0, False
+    step, carry, skipped_before, evaluation_pending, seconds_before = 0, None, 0, False, 0.0
     if run.status == "resume":
         folder, shared, own = checkpoint.load_latest(run.path / "checkpoints", env)
         checkpoint.load_weights(model, shared["model"], str(folder / "state.pt"))
@@ -379,6 +379,7 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
         sampler.load_state_dict(shared["sampler"])
         step, skipped_before = shared["step"], shared.get("skipped_steps", 0)
         evaluation_pending = shared.get("evaluation_pending", False)
+        seconds_before = shared.get("train_seconds", 0.0)  # the run's time before this session
         if own is not None:
             checkpoint.set_rng_state(own["rng"])
             carry = Carry(**own["carry"]) if own["carry"] is not None else None
@@ -415,7 +416,8 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
         nonlocal saved_at
         shared = {"model": model.state_dict(), "optimisers": opt.state_dict(), "ema": ema and ema.state_dict(),
                   "sampler": feed.state_dict(), "step": step, "skipped_steps": skips.total(), "config": raw_config,
-                  "metadata": train_split.meta, "evaluation_pending": evaluation_pending}  # fmt: skip
+                  "metadata": train_split.meta, "evaluation_pending": evaluation_pending,
+                  "train_seconds": seconds_before + time.perf_counter() - start}  # fmt: skip
         own = {"carry": carry and carry.state_dict(), "rng": checkpoint.rng_state()}
         saved_at = step
         return checkpoint.save(run_dir / "checkpoints", step, shared, own, env, cfg.keep_checkpoints)
@@ -512,7 +514,8 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
         **last_train, **last_eval, "step": step, "total_steps": plan.total_steps, "parameters": n_params,
         "conditioner": cfg.arch.conditioner,
         "stop_reason": stop_reason or ("finished" if step >= plan.total_steps else f"max_steps={cfg.max_steps}"),
-        "time/train_seconds": elapsed, "time/steps_per_sec": (step - start_step) / max(elapsed, 1e-9),
+        "time/train_seconds": seconds_before + elapsed,  # every session of a resumed run
+        "time/steps_per_sec": (step - start_step) / max(elapsed, 1e-9),  # this session's
     }  # fmt: skip
     logger.finish(summary)
     if env.is_main:
