@@ -101,11 +101,16 @@ class Result:
         return out
 
 
+def context_length(model, batch: dict) -> int:
+    """The context tokens the core sees beside the grid: the conditioner's own length (a
+    conditioner that reads every cell: this batch's)."""
+    with torch.no_grad():
+        return model.condition(batch).context.shape[1]
+
+
 def step_flops(cfg, batch: dict, seq_len: int, vocab: int, model) -> float:
     a = cfg.arch
-    with torch.no_grad():
-        context = model.condition(batch).context.shape[1]  # the conditioner's own length (in-context: the batch's)
-    B, T = batch["inputs"].shape[0], context + seq_len
+    B, T = batch["inputs"].shape[0], context_length(model, batch) + seq_len
     net = block_flops(B, T, a.hidden_size, a.expansion, a.L_layers)
     calls_per_cycle = a.L_cycles + 1
     flops = net * calls_per_cycle * a.H_cycles + 2 * net * calls_per_cycle + 3 * 2 * B * seq_len * a.hidden_size * vocab
@@ -228,7 +233,7 @@ class Bench:
         cuda = self.env.device.type == "cuda"
         peak = self.peak_bytes if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return Result(self.name, self.overrides, device_name, sum(p.numel() for p in self.model.parameters()),
-                      self.plan.local_batch_size, self.cfg.arch.puzzle_emb_len + self.split.seq_len, self.times,
+                      self.plan.local_batch_size, context_length(self.model, batch) + self.split.seq_len, self.times,
                       eval_ms, encoder_ms, self.data(20), peak / 2**30,
                       step_flops(self.cfg, batch, self.split.seq_len, self.split.meta["vocab_size"], self.model),
                       self.losses)  # fmt: skip
