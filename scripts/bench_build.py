@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from run_jobs import below, processes  # noqa: E402  (this folder: the queue runner's process table)
 from trm.cli import compose  # noqa: E402
 
 ENTRIES = {"pretrain": "cfg_pretrain", "encoder": "cfg_pretrain_encoder"}
@@ -30,22 +31,13 @@ ENTRIES = {"pretrain": "cfg_pretrain", "encoder": "cfg_pretrain_encoder"}
 
 def tree_rss_bytes(root: int) -> int:
     """Resident memory of ``root`` and every process below it (Linux /proc)."""
-    parent, rss = {}, {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+    total = 0
+    for pid in [root, *below(root, processes())]:
+        try:  # statm: size, resident, ... in pages
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):  # ended meanwhile
             continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            parent[int(entry)], rss[int(entry)] = int(stat[1]), int(stat[21]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, IndexError, ValueError):
-            continue
-    tree, todo = {root}, [root]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, pp in parent.items() if pp == p and c not in tree]
-        tree.update(kids)
-        todo += kids
-    return sum(rss.get(p, 0) for p in tree)
+    return total
 
 
 def build_args(options) -> list[str]:
