@@ -168,3 +168,44 @@ def test_families_source_needs_its_options_and_fits_the_canvas(tmp_path):
         build_dataset(BuildOptions(train_sources=["families/tran"], eval_sources=[], families=FamilyOptions()),
                       tmp_path / "c", log=lambda *_: None)  # fmt: skip
     assert not list(tmp_path.iterdir())
+
+
+def test_colour_map_baseline_reads_the_demonstrations_and_refuses_what_no_map_explains():
+    from trm.data.families.baselines import colour_map, empty
+    from trm.data.tasks import ArcTask, Pair
+
+    g = lambda rows: np.array(rows, dtype=np.uint8)  # noqa: E731
+    demos = (Pair(g([[1, 3], [0, 1]]), g([[2, 3], [0, 2]])), Pair(g([[1, 1, 1]]), g([[4]])))  # the second: another shape, skipped
+    task = ArcTask("t:0", demos, (Pair(g([[1, 5], [3, 0]]), g([[2, 5], [3, 0]])),))
+    # 1 -> 2 and 3 -> 3 as shown, 0 -> 0, 5 shown nowhere: stays
+    assert np.array_equal(colour_map(task, task.tests[0].input), g([[2, 5], [3, 0]]))
+    assert np.array_equal(empty(task, g([[1, 5], [3, 0]])), np.zeros((2, 2), np.uint8))
+    conflicting = ArcTask("t:1", demos[:1] + (Pair(g([[1]]), g([[7]])),), task.tests)  # 1 -> 2 and 1 -> 7
+    assert colour_map(conflicting, task.tests[0].input) is None
+
+
+def test_baselines_on_the_one_family_preset_match_a_plain_count():
+    """recolour's held-out pairs are colour maps the demonstrations pin down (all solved); a
+    shift_colours task is solved exactly when every colour of its test input appears in a
+    demonstration's input (its cycle moves every colour, so none may stay)."""
+    from trm.data.families.baselines import solved_share
+
+    options = FamilyOptions(names=["recolour", "shift_colours"], heldout_families=["shift_colours"], train_tasks=20, eval_tasks=60)
+    assert solved_share(generate("unseen_params", options, 6))["recolour"]["colour_map"] == (60, 60)
+    tasks = generate("unseen_families", options, 6)
+    shown = sum(set(np.unique(t.tests[0].input)) <= set().union(*(np.unique(p.input) for p in t.demos)) for t in tasks)
+    assert 0 < shown < 60
+    assert solved_share(tasks)["shift_colours"] == {"empty": (0, 60), "colour_map": (shown, 60)}
+
+
+def test_baselines_command_prints_each_part_and_family_and_writes_nothing(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "trm.data.families", "--baselines", "--families", "recolour", "translate",
+                          "shift_colours", "--heldout-families", "shift_colours", "--max-grid-size", "6",
+                          "--train-tasks", "200", "--eval-tasks", "40"],
+                         cwd=tmp_path, capture_output=True, text=True, check=True).stdout  # fmt: skip
+    rows = {tuple(line.split()[:2]): line.split()[2:] for line in out.splitlines()[1:]}
+    assert set(rows) == {("train", "recolour"), ("train", "translate"), ("unseen_params", "recolour"),
+                         ("unseen_params", "translate"), ("unseen_families", "shift_colours")}  # fmt: skip
+    assert rows[("unseen_params", "recolour")] == ["20", "0.0%", "100.0%"]
+    assert float(rows[("train", "translate")][1].rstrip("%")) > 0  # shifts that carry every cell off the grid
+    assert list(tmp_path.iterdir()) == []

@@ -3,11 +3,14 @@
     python -m trm.data.families --out DIR [--families recolour swap ...] [--heldout-families outline]
         [--train-tasks 2000] [--eval-tasks 200] [--max-grid-size 10] [--seed 0]
     python -m trm.data.families --list
+    python -m trm.data.families --baselines [the same options]
 
 writes DIR/train/, DIR/unseen_params/ and DIR/unseen_families/, one ``<name>.json`` per task
 (``{"train": [...], "test": [...]}``), and DIR/manifest.json (the options, and each task's family
 and parameters). DIR must not exist; it appears whole or not at all. Each folder is also a source
-for the builder (``data.train_sources=[DIR/train]``).
+for the builder (``data.train_sources=[DIR/train]``). ``--baselines`` writes nothing: it prints the
+share of each part's test outputs that programs reading only the demonstrations solve
+(:mod:`trm.data.families.baselines`), per family.
 """
 
 from __future__ import annotations
@@ -54,10 +57,23 @@ def export(options: FamilyOptions, out: Path, canvas: int = 30) -> dict[str, int
     return counts
 
 
+def print_baselines(options: FamilyOptions, canvas: int = 30) -> None:
+    from trm.data.families.baselines import BASELINES, solved_share
+
+    names = list(BASELINES)
+    print(f"{'part':16s} {'family':14s} {'tests':>6s} " + " ".join(f"{n:>10s}" for n in names))
+    for part in PARTS:
+        for family, by in sorted(solved_share(generate(part, options, canvas)).items()):
+            tests = by[names[0]][1]
+            print(f"{part:16s} {family:14s} {tests:6d} " + " ".join(f"{100 * by[n][0] / tests:9.1f}%" for n in names))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help="folder to create")
     p.add_argument("--list", action="store_true", help="list the families and exit")
+    p.add_argument("--baselines", action="store_true",
+                   help="print what programs reading only the demonstrations solve of each part, and exit")
     defaults = FamilyOptions()
     p.add_argument("--families", nargs="+", default=None, help="families to generate (default: all)")
     p.add_argument("--heldout-families", nargs="*", default=defaults.heldout_families)
@@ -75,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             first_sentence = " ".join(FAMILIES[name].__doc__.split()).split(". ")[0]
             print(f"{name:14s} {first_sentence}.")
         return
-    if a.out is None:
+    if a.out is None and not a.baselines:
         p.error("--out is required")
     try:
         options = FamilyOptions(
@@ -83,6 +99,9 @@ def main(argv: list[str] | None = None) -> None:
             train_tasks=a.train_tasks, eval_tasks=a.eval_tasks, min_grid_size=a.min_grid_size,
             max_grid_size=a.max_grid_size, min_demos=a.min_demos, max_demos=a.max_demos, seed=a.seed,
         )  # fmt: skip
+        if a.baselines:
+            print_baselines(options)
+            return
         counts = export(options, a.out)
     except ValidationError as e:
         sys.exit("error: " + "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors()))
