@@ -37,6 +37,7 @@ from torch import nn
 from encoders.base import PairEmbedding
 from encoders.config import EncoderArchConfig
 from encoders.objectives import add_contrastive, latent_steps_of
+from encoders.offsets import OffsetPrior, pair_canvases
 from trm.data.demos import PackedDemos, cell_triples
 from trm.model.conditioning import Conditioner, Conditioning, register_conditioner
 from trm.model.layers import Block, SwiGLU, block_flops, cell_offsets, linear, rms_norm, swiglu_width, trunc_normal_
@@ -72,6 +73,9 @@ class CellConditioner(Conditioner):
             for _ in range(1 if arch.encoder_num_layers is None else arch.encoder_num_layers)
         )
         self.slot = nn.Parameter(trunc_normal_(torch.empty(metadata["max_demos"], d), 0.5))
+        self.offset_prior = None
+        if arch.offset_prior:
+            self.offset_prior = OffsetPrior(metadata["vocab_size"], self.side, arch.offset_prior_channels, arch.num_heads)
 
     @classmethod
     def build(cls, arch: EncoderArchConfig, metadata: dict) -> CellConditioner:
@@ -106,24 +110,30 @@ class CellConditioner(Conditioner):
         return pool[demos.cell_index], demos.cell_slot >= 0, cells[demos.cell_index], demos.cell_slot
 
     def encode_dense(self, demo_inputs: torch.Tensor, demo_labels: torch.Tensor) -> torch.Tensor:
-        """(..., D, L) canvases -> each pair's cell tokens (..., D, T, d + 1), the last channel 1
-        where the cell holds something (T = L, or 2L in the sequence layout, in canvas order). No
-        selection: shapes fixed by the input, no host-device synchronisation (``vmap``)."""
+        """(..., D, L) canvases -> each pair's cell tokens (..., D, T, d + 1), channel d 1 where the
+        cell holds something (T = L, or 2L in the sequence layout, in canvas order); with the offset
+        prior two more channels hold, at t < L, the input's and the output's token at cell t (what
+        :meth:`context_of_pairs` correlates; constant under latent steps). No selection: shapes
+        fixed by the input, no host-device synchronisation (``vmap``)."""
         lead = demo_inputs.shape[:-1]
-        triples = cell_triples(demo_inputs.flatten(0, -2).long(), demo_labels.flatten(0, -2).long(), self.arch.encoder_pair_layout)
-        tokens, cells = self.encode_pairs(triples)
-        pairs = torch.cat((tokens * cells[..., None], cells[..., None].to(tokens.dtype)), dim=-1)
+        inputs, labels = demo_inputs.flatten(0, -2).long(), demo_labels.flatten(0, -2).long()
+        tokens, cells = self.encode_pairs(cell_triples(inputs, labels, self.arch.encoder_pair_layout))
+        parts = [tokens * cells[..., None], cells[..., None].to(tokens.dtype)]
+        if self.offset_prior is not None:
+            canvases = torch.stack((inputs, labels), dim=-1).to(tokens.dtype)  # (N, L, 2)
+            parts.append(F.pad(canvases, (0, 0, 0, tokens.shape[1] - canvases.shape[1])))
+        pairs = torch.cat(parts, dim=-1)
         return pairs.view(*lead, *pairs.shape[-2:])
 
     def cells_of_pairs(self, pairs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Tokens, mask, positions and slots (B, D * T, ...) from :meth:`encode_dense`'s ``pairs``
-        (B, D, T, d + 1) where ``mask`` (B, D)."""
+        (B, D, T, d + 1 [+ 2]) where ``mask`` (B, D)."""
         B, D, T, _ = pairs.shape
         L = T if self.arch.encoder_pair_layout == "overlay" else T // 2
-        cells = (pairs[..., -1] > 0.5) & mask[..., None]
+        cells = (pairs[..., self.dim] > 0.5) & mask[..., None]
         positions = (torch.arange(T, device=pairs.device) % L).expand(B, D, T)
         slots = torch.arange(D, device=pairs.device)[:, None].expand(B, D, T)
-        return pairs[..., :-1].flatten(1, 2), cells.flatten(1, 2), positions.flatten(1, 2), slots.flatten(1, 2)
+        return pairs[..., : self.dim].flatten(1, 2), cells.flatten(1, 2), positions.flatten(1, 2), slots.flatten(1, 2)
 
     # Context -------------------------------------------------------------------------------------
 
@@ -142,8 +152,15 @@ class CellConditioner(Conditioner):
         return demo_mask & (demo_mask.cumsum(dim=1) <= self.arch.num_demos)
 
     def context_of_pairs(self, pairs: torch.Tensor, mask: torch.Tensor) -> Conditioning:
-        tokens, cells, positions, slots = self.cells_of_pairs(pairs, self.select_demos(mask))
-        return self.context_of_cells(tokens, cells, positions, slots)
+        keep = self.select_demos(mask)
+        tokens, cells, positions, slots = self.cells_of_pairs(pairs, keep)
+        out = self.context_of_cells(tokens, cells, positions, slots)
+        if self.offset_prior is not None:
+            B, D, L = pairs.shape[0], pairs.shape[1], self.side * self.side
+            canvases = pairs[:, :, :L, self.dim + 1 :].detach().round().long().flatten(0, 1)  # (B D, L, 2)
+            per_pair = self.offset_prior.correlate(canvases[..., 0], canvases[..., 1])
+            out.offset_bias = self.offset_prior.bias(per_pair.view(B, D, *per_pair.shape[1:]), keep)
+        return out
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Conditioning:
         if "demos" in batch:
@@ -155,12 +172,28 @@ class CellConditioner(Conditioner):
             tokens, cells, positions, slots = self.cells_of_pairs(pairs, demo_mask)
         keep = self.select_demos(demo_mask)
         out = self.context_of_cells(tokens, self._selected(cells, slots, keep), positions, slots)
+        if self.offset_prior is not None:
+            out.offset_bias = self.offset_prior.bias(self.correlations(batch), keep)
         if self.latent_steps is not None:
             out.latent = pairs
         if self.training and self.arch.contrastive_weight > 0:
             add_contrastive(out, lambda m: self.context_of_cells(tokens, self._selected(cells, slots, m), positions, slots),
                             self.summary, keep, batch["task_ids"], self.arch)  # fmt: skip
         return out
+
+    def correlations(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, D, channels, N): the offset prior's correlation of each demonstration slot (0 where
+        empty); packed, each distinct pair correlated once."""
+        if "demos" not in batch:
+            B, D, L = batch["demo_inputs"].shape
+            per_pair = self.offset_prior.correlate(batch["demo_inputs"].flatten(0, 1), batch["demo_labels"].flatten(0, 1))
+            return per_pair.view(B, D, *per_pair.shape[1:])
+        demos = batch["demos"]
+        pool = [self.offset_prior.correlate(*pair_canvases(block, self.arch.encoder_pair_layout, self.side))
+                for block in demos.blocks]  # fmt: skip
+        C, N = self.offset_prior.mix.shape[1], (2 * self.side - 1) ** 2
+        pool = torch.cat(pool + [pool[0].new_zeros(1, C, N) if pool else torch.zeros(1, C, N, device=demos.index.device)])
+        return pool[demos.index]
 
     def summary(self, conditioning: Conditioning) -> torch.Tensor:
         """One vector per example of its context (the contrastive objective compares them)."""
@@ -246,11 +279,15 @@ def batch_cells(batch: dict[str, torch.Tensor]) -> int:
 
 
 def _pair_transformer_flops(conditioner: CellConditioner, batch: dict[str, torch.Tensor]) -> float:
-    """The per-pair transformer's matrix products, as :meth:`DemoEncoder.forward_flops` counts them."""
+    """The per-pair transformer's matrix products, as :meth:`DemoEncoder.forward_flops` counts them, and the
+    offset prior's correlations."""
     layers = len(conditioner.blocks)
     if "demos" in batch:
         shapes = [tuple(b.shape[:2]) for b in batch["demos"].blocks]
     else:
         tokens = batch["demo_inputs"].shape[-1] * (1 if conditioner.arch.encoder_pair_layout == "overlay" else 2)
         shapes = [(batch["demo_inputs"].shape[0] * batch["demo_inputs"].shape[1], tokens)]
-    return sum(block_flops(n, t, conditioner.dim, conditioner.arch.expansion, layers) for n, t in shapes)
+    flops = sum(block_flops(n, t, conditioner.dim, conditioner.arch.expansion, layers) for n, t in shapes)
+    if conditioner.offset_prior is not None:
+        flops += conditioner.offset_prior.flops(sum(n for n, _ in shapes))
+    return flops

@@ -64,11 +64,25 @@ class EncoderArchConfig(ArchConfig):
     latent_lr: float = Field(0.1, gt=0, description="step size of the latent steps")
     latent_first_order: bool = Field(False, description="latent steps as constant shifts (no gradient through the steps)")
     latent_act_steps: int = Field(1, ge=1, description="ACT steps of the core in the latent steps' objective")
+    offset_prior: bool = Field(
+        False, description="in_context, token_set: the demonstrations' cross-correlation of output against input "
+        "cells at each offset (dy, dx), learned colour features, biases the core's attention between grid cells "
+        "per head (encoders/offsets.py)")  # fmt: skip
+    offset_prior_channels: int = Field(16, ge=1, description="colour feature channels of the offset prior")
 
     @model_validator(mode="after")
     def _sequence_of_any_length(self):
         if self.mlp_t and self.conditioner in ("in_context",):
             raise ValueError("mlp_t mixes a fixed-length sequence; in_context's context length varies")
+        return self
+
+    @model_validator(mode="after")
+    def _offset_prior_needs_cells_and_attention(self):
+        if self.offset_prior and self.conditioner not in ("in_context", "token_set"):
+            raise ValueError(f"offset_prior is read off every cell of the demonstrations: arch.conditioner=in_context or "
+                             f"token_set, not {self.conditioner}")  # fmt: skip
+        if self.offset_prior and self.mlp_t:
+            raise ValueError("offset_prior biases attention; mlp_t has none")
         return self
 
     @field_validator("encoder_type")

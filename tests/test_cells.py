@@ -29,6 +29,9 @@ def make_cfg(conditioner, layout, **arch):
     return TrainConfig(arch=arch, global_batch_size=B, lr_warmup_steps=0, weight_decay=0.0, lr=1e-3)
 
 
+_make_cfg = make_cfg
+
+
 def make_model(cfg):
     torch.manual_seed(0)
     return build_model(cfg, META)
@@ -64,10 +67,12 @@ def test_few_or_no_demonstrations_give_finite_contexts_and_updates(conditioner, 
 
 
 @pytest.mark.parametrize("conditioner,layout", CASES)
-def test_every_weight_trains_on_continuing_act_steps(conditioner, layout):
+@pytest.mark.parametrize("offset_prior", [False, True])
+def test_every_weight_trains_on_continuing_act_steps(conditioner, layout, offset_prior):
     """As for the pooled encoders: the second step's samples continue from the first, so a cached
-    or detached context would leave the conditioner without gradient there."""
-    cfg = make_cfg(conditioner, layout, encoder_packing=False)
+    or detached context would leave the conditioner without gradient there (the offset prior's
+    features and mix included)."""
+    cfg = make_cfg(conditioner, layout, encoder_packing=False, offset_prior=offset_prior)
     model = make_model(cfg)
     opt, plan = Optimisers(cfg, model), plan_run(cfg, examples_per_epoch=100, world_size=1)
     batch = make_batch()
@@ -83,14 +88,15 @@ def test_every_weight_trains_on_continuing_act_steps(conditioner, layout):
 
 
 @pytest.mark.parametrize("conditioner,layout", CASES)
-@pytest.mark.parametrize("relative", [False, True])
-def test_packed_cells_give_the_padded_step_and_gradients(conditioner, layout, relative):
+@pytest.mark.parametrize("variant", [{}, {"relative_2d": True}, {"offset_prior": True}, {"offset_prior": True, "relative_2d": True}])
+def test_packed_cells_give_the_padded_step_and_gradients(conditioner, layout, variant):
     """The same demonstrations on the canvas (every slot, PAD cells masked) and packed (each
     example's cells in a row, in several buckets, rows padded to the longest): the core's logits
     and halting, and every weight's gradient, agree in float64; also with relative 2-D attention
-    (in the core and the per-pair transformer), whose offsets come from the cells' positions."""
+    (in the core and the per-pair transformer), whose offsets come from the cells' positions, and
+    with the offset prior, whose correlations come from the canvases rebuilt from the cells."""
     padded, packed = canvases()
-    model = make_model(make_cfg(conditioner, layout, encoder_packing=False, relative_2d=relative)).double()
+    model = make_model(make_cfg(conditioner, layout, encoder_packing=False, **variant)).double()
     results = []
     for batch in (padded, packed(layout)):
         carry, out = model(model.initial_carry(batch), batch)
@@ -107,9 +113,11 @@ def test_packed_cells_give_the_padded_step_and_gradients(conditioner, layout, re
 
 
 @pytest.mark.parametrize("conditioner,layout", CASES)
-def test_padding_and_empty_slots_change_nothing(conditioner, layout):
+@pytest.mark.parametrize("offset_prior", [False, True])
+def test_padding_and_empty_slots_change_nothing(conditioner, layout, offset_prior):
     """An example's outputs do not depend on its empty slots' content, on another example making
     the batch's context longer (more padding), or on what a PAD cell would embed to."""
+    make_cfg = functools.partial(_make_cfg, offset_prior=offset_prior)
     model = make_model(make_cfg(conditioner, layout)).eval()
     _, packed = canvases()
     batch = packed(layout)

@@ -8,7 +8,9 @@ where P may be any length, and may change from batch to batch (a conditioner tha
 demonstrations' cells makes one token per cell): the core sees the context's length only through its
 shape. Where some positions are padding, ``mask`` (B, P) says which tokens are real (padding is never
 attended); ``positions`` (B, P) may give each token its rotary position (the grid's cells sit at
-``puzzle_emb_len + i``; default: the context at 0..P-1). Then come auxiliary losses (already weighted, summed over the batch, added to the training loss and
+``puzzle_emb_len + i``; default: the context at 0..P-1); ``offset_bias`` (B, heads, (2 side - 1)^2)
+may add to the core's attention score from one grid cell to another a bias for their offset
+(dy, dx), per head (a task's prior over where a cell's answer lies). Then come auxiliary losses (already weighted, summed over the batch, added to the training loss and
 logged as ``train/<name>`` per sample) and metrics ((sum, count) pairs, logged as sum / count). The
 core never knows where the context came from.
 
@@ -41,15 +43,18 @@ class Conditioning:
     mask: torch.Tensor | None = None  # (B, P) bool: real tokens (None: all)
     positions: torch.Tensor | None = None  # (B, P) long rotary positions (None: 0..P-1)
     latent: torch.Tensor | None = None  # (B, D, ...) the pair representations it came from, where latent steps apply
+    offset_bias: torch.Tensor | None = None  # (B, heads, (2 side - 1)^2) attention bias between grid cells by offset (dy, dx)
 
     def rows(self, index: torch.Tensor) -> Conditioning:
-        """The conditioning of batch rows ``index`` (context, mask, positions; no losses or metrics)."""
+        """The conditioning of batch rows ``index`` (context, mask, positions, offset bias; no
+        losses or metrics)."""
         pick = lambda t: None if t is None else t[index]  # noqa: E731
-        return Conditioning(self.context[index], mask=pick(self.mask), positions=pick(self.positions))
+        return Conditioning(self.context[index], mask=pick(self.mask), positions=pick(self.positions),
+                            offset_bias=pick(self.offset_bias))  # fmt: skip
 
     def with_context(self, context: torch.Tensor) -> Conditioning:
-        """The same tokens' mask and positions around another ``context`` of the same shape."""
-        return Conditioning(context, mask=self.mask, positions=self.positions)
+        """The same tokens' mask, positions and offset bias around another ``context`` of the same shape."""
+        return Conditioning(context, mask=self.mask, positions=self.positions, offset_bias=self.offset_bias)
 
 
 @dataclass

@@ -163,13 +163,17 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 key_mask: torch.Tensor | None = None, offsets: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """x: (B, T, hidden); rope: (cos, sin) of :meth:`Rotary.tables`, or None; key_mask: (B, T)
-        bool, True where a key may be attended; offsets: (B, T, T) long, the offset of key j from
-        query i (with relative offsets)."""
+        bool, True where a key may be attended, or an additive float bias of every score (B, heads,
+        T, T), -inf where a key may not be attended; offsets: (B, T, T) long, the offset of key j
+        from query i (with relative offsets)."""
         B, T, H = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        mask = None if key_mask is None else key_mask[:, None, None, :]
+        if key_mask is None or key_mask.dtype != torch.bool:
+            mask = None if key_mask is None else key_mask.to(q.dtype)
+        else:
+            mask = key_mask[:, None, None, :]
         if self.offset_keys is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
@@ -182,8 +186,10 @@ class Attention(nn.Module):
         index = offsets[:, None].expand(-1, q.shape[1], -1, -1)  # (B, heads, T, T)
         per_offset = torch.einsum("bhtd,hnd->bhtn", q, self.offset_keys.to(q.dtype))
         scores = (q @ k.transpose(-1, -2) + per_offset.gather(-1, index)) * scale
-        if mask is not None:
+        if mask is not None and mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        elif mask is not None:
+            scores = scores + mask
         weights = torch.softmax(at_least_float32(scores), dim=-1).to(q.dtype)
         by_offset = weights.new_zeros(*weights.shape[:-1], self.offset_keys.shape[1]).scatter_add_(-1, index, weights)
         return weights @ v + torch.einsum("bhtn,hnd->bhtd", by_offset, self.offset_values.to(q.dtype))

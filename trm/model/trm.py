@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -53,18 +54,20 @@ class RecursiveCore(nn.Module):
         return z
 
     def forward(self, z_H: torch.Tensor, z_L: torch.Tensor, inputs: torch.Tensor, context: torch.Tensor,
-                context_mask: torch.Tensor | None = None, context_positions: torch.Tensor | None = None):  # fmt: skip
+                context_mask: torch.Tensor | None = None, context_positions: torch.Tensor | None = None,
+                offset_bias: torch.Tensor | None = None):  # fmt: skip
         """z_H, z_L: (B, P + L, hidden); inputs: (B, L) tokens; context: (B, P, hidden), any P;
         context_mask: (B, P) bool, False for padding (never attended); context_positions: (B, P)
         rotary positions of the context (the grid then at puzzle_emb_len + i; default: the whole
-        sequence at 0..P+L-1, as published).
+        sequence at 0..P+L-1, as published); offset_bias: (B, heads, (2 side - 1)^2), added to
+        every head's score from grid cell i to grid cell j by their offset (dy, dx).
 
         Returns new (z_H, z_L), logits (B, L, vocab) and q_logits (B, 2) float32.
         """
         P = context.shape[1]
         tokens = self.embed_scale * self.embed_tokens(inputs)
         x = torch.cat((context.to(tokens.dtype), tokens), dim=1)
-        rope, key_mask, offsets = self.positions(inputs, P, context_mask, context_positions)
+        rope, key_mask, offsets = self.positions(inputs, P, context_mask, context_positions, offset_bias)
         with torch.no_grad():
             for _ in range(self.arch.H_cycles - 1):
                 for _ in range(self.arch.L_cycles):
@@ -78,11 +81,13 @@ class RecursiveCore(nn.Module):
         return z_H, z_L, logits, q_logits
 
     def positions(self, inputs: torch.Tensor, P: int, context_mask: torch.Tensor | None,
-                  context_positions: torch.Tensor | None):  # fmt: skip
+                  context_positions: torch.Tensor | None, offset_bias: torch.Tensor | None = None):  # fmt: skip
         """What the blocks' attention needs of the sequence [context (P), grid (L)]: rotary (cos,
         sin), the key mask (B, P + L) and, with relative_2d, each pair's cell offset (B, T, T); None
         where unused. The grid's cell i sits at position puzzle_emb_len + i whenever the context
-        has positions of its own; a context token at such a position is that cell's."""
+        has positions of its own; a context token at such a position is that cell's. With an
+        ``offset_bias`` the key mask becomes an additive bias (B, heads, T, T): the offset bias
+        between grid cells, 0 where a context token is involved, -inf at masked keys."""
         B, L = inputs.shape
         grid = torch.arange(L, device=inputs.device).expand(B, -1)
         rope = key_mask = offsets = None
@@ -95,6 +100,10 @@ class RecursiveCore(nn.Module):
             offsets = cell_offsets(torch.cat((context_cells, grid), dim=1), self.side)
         if context_mask is not None:
             key_mask = torch.cat((context_mask, context_mask.new_ones(B, L)), dim=1)
+        if offset_bias is not None:
+            between_cells = offset_bias[:, :, cell_offsets(grid[:1], self.side)[0]]  # (B, heads, L, L)
+            bias = F.pad(between_cells, (P, 0, P, 0))
+            key_mask = bias if key_mask is None else bias.masked_fill(~key_mask[:, None, None, :], float("-inf"))
         return rope, key_mask, offsets
 
 
@@ -248,7 +257,7 @@ class TinyRecursiveModel(nn.Module):
         cond = conditioning if conditioning is not None else self.condition({**batch, **data})
         P, L = cond.context.shape[1], data["inputs"].shape[1]
         z_H, z_L = self.fitted(z_H, self.core.H_init, P, L), self.fitted(z_L, self.core.L_init, P, L)
-        z_H, z_L, logits, q = self.core(z_H, z_L, data["inputs"], cond.context, cond.mask, cond.positions)
+        z_H, z_L, logits, q = self.core(z_H, z_L, data["inputs"], cond.context, cond.mask, cond.positions, cond.offset_bias)
         q_halt, q_continue = q[:, 0], q[:, 1]
 
         max_steps = self.arch.halt_max_steps
@@ -262,7 +271,8 @@ class TinyRecursiveModel(nn.Module):
                 halted &= steps >= min_steps
                 if not self.arch.no_ACT_continue:
                     # Q-learning target for "continue": the halting value one step later.
-                    _, _, _, q_next = self.core(z_H, z_L, data["inputs"], cond.context, cond.mask, cond.positions)
+                    _, _, _, q_next = self.core(z_H, z_L, data["inputs"], cond.context, cond.mask, cond.positions,
+                                                cond.offset_bias)  # fmt: skip
                     best_next = torch.where(steps >= max_steps, q_next[:, 0], q_next.max(dim=-1).values)
                     target_q_continue = torch.sigmoid(best_next)
         new_carry = Carry(z_H.detach(), z_L.detach(), steps.to(torch.int32), halted, data)
