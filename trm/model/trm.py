@@ -101,7 +101,11 @@ class RecursiveCore(nn.Module):
         if context_mask is not None:
             key_mask = torch.cat((context_mask, context_mask.new_ones(B, L)), dim=1)
         if offset_bias is not None:
-            between_cells = offset_bias[:, :, cell_offsets(grid[:1], self.side)[0]]  # (B, heads, L, L)
+            # Built once, in the dtype attention computes in: (B, heads, T, T) is the largest
+            # tensor of the step, and each block would otherwise cast a copy of its own.
+            device = inputs.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else offset_bias.dtype
+            between_cells = offset_bias.to(dtype)[:, :, cell_offsets(grid[:1], self.side)[0]]  # (B, heads, L, L)
             bias = F.pad(between_cells, (P, 0, P, 0))
             key_mask = bias if key_mask is None else bias.masked_fill(~key_mask[:, None, None, :], float("-inf"))
         return rope, key_mask, offsets
