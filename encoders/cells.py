@@ -185,15 +185,14 @@ class CellConditioner(Conditioner):
         """(B, D, channels, N): the offset prior's correlation of each demonstration slot (0 where
         empty); packed, each distinct pair correlated once."""
         if "demos" not in batch:
-            B, D, L = batch["demo_inputs"].shape
             per_pair = self.offset_prior.correlate(batch["demo_inputs"].flatten(0, 1), batch["demo_labels"].flatten(0, 1))
-            return per_pair.view(B, D, *per_pair.shape[1:])
+            return per_pair.view(*batch["demo_inputs"].shape[:2], *per_pair.shape[1:])
         demos = batch["demos"]
         pool = [self.offset_prior.correlate(*pair_canvases(block, self.arch.encoder_pair_layout, self.side))
                 for block in demos.blocks]  # fmt: skip
-        C, N = self.offset_prior.mix.shape[1], (2 * self.side - 1) ** 2
-        pool = torch.cat(pool + [pool[0].new_zeros(1, C, N) if pool else torch.zeros(1, C, N, device=demos.index.device)])
-        return pool[demos.index]
+        empty = torch.zeros(1, self.offset_prior.mix.shape[1], (2 * self.side - 1) ** 2, device=demos.index.device,
+                            dtype=pool[0].dtype if pool else torch.float32)  # the row of an empty slot  # fmt: skip
+        return torch.cat([*pool, empty])[demos.index]
 
     def summary(self, conditioning: Conditioning) -> torch.Tensor:
         """One vector per example of its context (the contrastive objective compares them)."""
