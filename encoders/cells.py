@@ -75,7 +75,8 @@ class CellConditioner(Conditioner):
         self.slot = nn.Parameter(trunc_normal_(torch.empty(metadata["max_demos"], d), 0.5))
         self.offset_prior = None
         if arch.offset_prior:
-            self.offset_prior = OffsetPrior(metadata["vocab_size"], self.side, arch.offset_prior_channels, arch.num_heads)
+            self.offset_prior = OffsetPrior(metadata["vocab_size"], self.side, arch.offset_prior_channels, arch.num_heads,
+                                            arch.offset_prior_heads)  # fmt: skip
 
     @classmethod
     def build(cls, arch: EncoderArchConfig, metadata: dict) -> CellConditioner:

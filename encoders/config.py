@@ -69,6 +69,9 @@ class EncoderArchConfig(ArchConfig):
         "cells at each offset (dy, dx), learned colour features, biases the core's attention between grid cells "
         "per head (encoders/offsets.py)")  # fmt: skip
     offset_prior_channels: int = Field(16, ge=1, description="colour feature channels of the offset prior")
+    offset_prior_heads: int | None = Field(
+        None, ge=0, description="heads of the core whose offset prior starts switched on (the others start at 0 and "
+        "learn it; None: half of num_heads, at least one)")  # fmt: skip
 
     @model_validator(mode="after")
     def _sequence_of_any_length(self):
@@ -81,6 +84,8 @@ class EncoderArchConfig(ArchConfig):
         if self.offset_prior and self.conditioner not in ("in_context", "token_set"):
             raise ValueError(f"offset_prior is read off every cell of the demonstrations: arch.conditioner=in_context or "
                              f"token_set, not {self.conditioner}")  # fmt: skip
+        if self.offset_prior_heads is not None and self.offset_prior_heads > self.num_heads:
+            raise ValueError(f"offset_prior_heads {self.offset_prior_heads} > num_heads {self.num_heads}")
         if self.offset_prior and self.mlp_t:
             raise ValueError("offset_prior biases attention; mlp_t has none")
         return self

@@ -10,7 +10,8 @@ cross-correlated at every offset o = (dy, dx) in (-(side-1)..side-1)^2, channel 
 (a correlation layer, as optical-flow networks find displacements). A shift by (dy, dx) makes
 corr peak at o = (-dy, -dx) in every channel that matches colours; a line running down from a
 seed matches output cells to the input above them. The correlations are averaged over the task's
-present demonstrations and mixed per head, (heads, channels): the core then adds, to the score
+present demonstrations and mixed per head, (heads, channels), the mix starting at 1 in the
+first ``offset_prior_heads`` heads and 0 in the others: the core then adds, to the score
 from query cell p to key cell p + o, that head's value at o (:meth:`RecursiveCore.positions`), so
 that a cell can look where the demonstrations say its answer lies before it knows what to look for.
 
@@ -52,7 +53,7 @@ def pair_canvases(triples: torch.Tensor, layout: str, side: int) -> tuple[torch.
 class OffsetPrior(nn.Module):
     """Per-head attention bias by offset from a task's demonstrations (module docstring)."""
 
-    def __init__(self, vocab_size: int, side: int, channels: int, heads: int):
+    def __init__(self, vocab_size: int, side: int, channels: int, heads: int, prior_heads: int | None = None):
         super().__init__()
         self.side = side
         # PAD (off the grid) has no features and matches nothing.
@@ -62,7 +63,11 @@ class OffsetPrior(nn.Module):
             # Alike at the start: each colour matches itself (unit-variance features: a match scores
             # about `channels`), so a shift stands out from the first step.
             self.output_features.weight.copy_(self.input_features.weight)
-        self.mix = nn.Parameter(torch.ones(heads, channels))
+        # The first ``prior_heads`` heads (default: half, at least one) start with the prior, the
+        # others without it: a bias of several logits on the cell it points to leaves a head little
+        # attention for the context, and the demonstrations' colours are read there.
+        prior_heads = max(1, heads // 2) if prior_heads is None else prior_heads
+        self.mix = nn.Parameter((torch.arange(heads) < prior_heads).float()[:, None].expand(heads, channels).clone())
 
     def correlate(self, inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
         """(N, L) input and output canvases -> (N, channels, (2 side - 1)^2): corr[c, o] with o

@@ -66,6 +66,7 @@ def test_a_shift_puts_the_peak_at_the_offset_of_the_source_cell():
         assert corr[peak].item() == pytest.approx(matches / int((ys != 0).sum()))
         bias = prior.bias(prior.correlate(x, y)[None], torch.ones(1, 1, dtype=torch.bool))
         assert bias.shape == (1, 2, (2 * S - 1) ** 2) and int(bias[0, 0].argmax()) == peak  # the mix starts at 1
+        assert (bias[0, 1] == 0).all()  # in the first half of the heads
 
 
 @pytest.mark.parametrize("layout", ["sequence", "overlay"])
