@@ -7,7 +7,7 @@ cross-correlated at every offset o = (dy, dx) in (-(side-1)..side-1)^2, channel 
 
     corr[c, o] = sum_p g(out[p])[c] * f(in[p + o])[c] / (cells of the output)
 
-(a correlation layer, as optical-flow networks find displacements). A shift by (dy, dx) makes
+(a correlation layer: a displacement is where the two grids' features agree). A shift by (dy, dx) makes
 corr peak at o = (-dy, -dx) in every channel that matches colours; a line running down from a
 seed matches output cells to the input above them. The correlations are averaged over the task's
 present demonstrations and mixed per head, (heads, channels), the mix starting at 1 in the
