@@ -21,7 +21,7 @@ from helpers import run_forked_ranks
 SMALL = dict(hidden_size=32, num_heads=2, L_layers=1, H_cycles=1, L_cycles=1, puzzle_emb_len=2, halt_max_steps=2)
 
 
-def make_model(conditioner, meta):
+def make_model(conditioner, meta, **arch):
     from encoders.config import EncoderArchConfig
     from trm.config import ArchConfig, TrainConfig
     from trm.train import build_model
@@ -29,7 +29,8 @@ def make_model(conditioner, meta):
     if conditioner == "puzzle_embedding":
         cfg = TrainConfig(arch=ArchConfig(**SMALL))
     else:
-        cfg = TrainConfig(arch=EncoderArchConfig(**SMALL, encoder_num_layers=1))
+        cfg = TrainConfig(arch=EncoderArchConfig(**SMALL, encoder_num_layers=1, **arch,
+                                                 **({} if conditioner == "standard" else {"conditioner": conditioner})))
     torch.manual_seed(0)
     return build_model(cfg, meta).eval()
 
@@ -244,8 +245,11 @@ def test_augmented_copies_are_the_task_under_one_transform(split):
             assert any(consistent(transform) for transform in range(8))
 
 
-def test_finetuning_adapts_only_its_target_per_task_and_writes_no_weight(split):
-    model = make_model("standard", split.meta)
+@pytest.mark.parametrize("conditioner, arch", [("standard", {}), ("in_context", {"offset_prior": True})])
+def test_finetuning_adapts_only_its_target_per_task_and_writes_no_weight(split, conditioner, arch):
+    """Also for the in-context core with the offset prior, whose bias of attention depends on the
+    fitted weights (a float bias with a gradient, under vmap)."""
+    model = make_model(conditioner, split.meta, **arch)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     fit = fit_batch(split, [0, 1])
     for target, names in [("encoder", {n for n, _ in model.named_parameters() if n.startswith("conditioner.")}),

@@ -174,7 +174,12 @@ class Attention(nn.Module):
             mask = None if key_mask is None else key_mask.to(q.dtype)
         else:
             mask = key_mask[:, None, None, :]
-        if self.offset_keys is None:
+        if self.offset_keys is None and mask is not None and mask.dtype != torch.bool and not q.is_cuda:
+            # A float bias (the offset prior) on CPU: written out, since the fused CPU kernel, which
+            # vmap picks for per-task fine-tuning, has no gradient for the bias.
+            scores = at_least_float32(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + mask)
+            y = torch.softmax(scores, dim=-1).to(q.dtype) @ v
+        elif self.offset_keys is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             y = self._relative(q, k, v, mask, offsets)
