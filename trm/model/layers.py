@@ -170,19 +170,17 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if key_mask is None or key_mask.dtype != torch.bool:
-            mask = None if key_mask is None else key_mask.to(q.dtype)
-        else:
-            mask = key_mask[:, None, None, :]
-        if self.offset_keys is None and mask is not None and mask.dtype != torch.bool and not q.is_cuda:
+        bias = key_mask is not None and key_mask.dtype != torch.bool
+        mask = None if key_mask is None else key_mask.to(q.dtype) if bias else key_mask[:, None, None, :]
+        if self.offset_keys is not None:
+            y = self._relative(q, k, v, mask, offsets)
+        elif bias and not q.is_cuda:
             # A float bias (the offset prior) on CPU: written out, since the fused CPU kernel, which
             # vmap picks for per-task fine-tuning, has no gradient for the bias.
             scores = at_least_float32(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + mask)
             y = torch.softmax(scores, dim=-1).to(q.dtype) @ v
-        elif self.offset_keys is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
-            y = self._relative(q, k, v, mask, offsets)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(B, T, H))
 
     def _relative(self, q, k, v, mask, offsets):
