@@ -157,10 +157,8 @@ class CellConditioner(Conditioner):
         tokens, cells, positions, slots = self.cells_of_pairs(pairs, keep)
         out = self.context_of_cells(tokens, cells, positions, slots)
         if self.offset_prior is not None:
-            B, D, L = pairs.shape[0], pairs.shape[1], self.side * self.side
-            canvases = pairs[:, :, :L, self.dim + 1 :].detach().round().long().flatten(0, 1)  # (B D, L, 2)
-            per_pair = self.offset_prior.correlate(canvases[..., 0], canvases[..., 1])
-            out.offset_bias = self.offset_prior.bias(per_pair.view(B, D, *per_pair.shape[1:]), keep)
+            canvases = pairs[:, :, : self.side * self.side, self.dim + 1 :].detach().round().long()  # (B, D, L, 2)
+            out.offset_bias = self.offset_prior.bias(self.offset_prior.correlate(canvases[..., 0], canvases[..., 1]), keep)
         return out
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Conditioning:
@@ -186,8 +184,7 @@ class CellConditioner(Conditioner):
         """(B, D, channels, N): the offset prior's correlation of each demonstration slot (0 where
         empty); packed, each distinct pair correlated once."""
         if "demos" not in batch:
-            per_pair = self.offset_prior.correlate(batch["demo_inputs"].flatten(0, 1), batch["demo_labels"].flatten(0, 1))
-            return per_pair.view(*batch["demo_inputs"].shape[:2], *per_pair.shape[1:])
+            return self.offset_prior.correlate(batch["demo_inputs"], batch["demo_labels"])
         demos = batch["demos"]
         pool = [self.offset_prior.correlate(*pair_canvases(block, self.arch.encoder_pair_layout, self.side))
                 for block in demos.blocks]  # fmt: skip

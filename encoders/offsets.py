@@ -70,18 +70,19 @@ class OffsetPrior(nn.Module):
         self.mix = nn.Parameter((torch.arange(heads) < prior_heads).float()[:, None].expand(heads, channels).clone())
 
     def correlate(self, inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
-        """(N, L) input and output canvases -> (N, channels, (2 side - 1)^2): corr[c, o] with o
+        """(..., L) input and output canvases -> (..., channels, (2 side - 1)^2): corr[c, o] with o
         indexed as (dy + side - 1) (2 side - 1) + (dx + side - 1), the offset of the input cell
         from the output cell (:func:`trm.model.layers.cell_offsets`'s order)."""
-        N, S = inputs.shape[0], self.side
-        C = self.mix.shape[1]
-        f = self.input_features(inputs.long()).view(N, S, S, C).permute(0, 3, 1, 2)
-        g = self.output_features(outputs.long()).view(N, S, S, C).permute(0, 3, 1, 2)
+        lead, S, C = inputs.shape[:-1], self.side, self.mix.shape[1]
+        inputs, outputs = inputs.reshape(-1, S * S).long(), outputs.reshape(-1, S * S).long()
+        N = inputs.shape[0]
+        f = self.input_features(inputs).view(N, S, S, C).permute(0, 3, 1, 2)
+        g = self.output_features(outputs).view(N, S, S, C).permute(0, 3, 1, 2)
         padded = F.pad(f, (S - 1, S - 1, S - 1, S - 1)).reshape(1, N * C, 3 * S - 2, 3 * S - 2)
         # conv2d is a correlation: out[o'] = sum_p g[p] f_padded[p + o'], o' = o + side - 1.
         corr = F.conv2d(padded, g.reshape(N * C, 1, S, S), groups=N * C).view(N, C, -1)
         cells = (outputs != PAD_ID).sum(-1).clamp_min(1).to(corr.dtype)
-        return corr / cells[:, None, None]
+        return (corr / cells[:, None, None]).view(*lead, C, -1)
 
     def bias(self, per_pair: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """per_pair (B, D, channels, N) of :meth:`correlate`, mask (B, D) -> (B, heads, N): the mean

@@ -134,6 +134,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype))
 
 
+def attention_weights(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over keys of ``scores`` (B, heads, T, T) in at least float32, after ``mask``: bool
+    (B, 1, 1, T), False where a key may not be attended, or an additive float bias."""
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    elif mask is not None:
+        scores = scores + mask
+    return torch.softmax(at_least_float32(scores), dim=-1)
+
+
 class Attention(nn.Module):
     """Non-causal multi-head self-attention, optionally with rotary positions, a key mask, and
     learned relative offsets.
@@ -177,8 +187,7 @@ class Attention(nn.Module):
         elif bias and not q.is_cuda:
             # A float bias (the offset prior) on CPU: written out, since the fused CPU kernel, which
             # vmap picks for per-task fine-tuning, has no gradient for the bias.
-            scores = at_least_float32(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + mask)
-            y = torch.softmax(scores, dim=-1).to(q.dtype) @ v
+            y = attention_weights(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), mask).to(q.dtype) @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(B, T, H))
@@ -189,11 +198,7 @@ class Attention(nn.Module):
         index = offsets[:, None].expand(-1, q.shape[1], -1, -1)  # (B, heads, T, T)
         per_offset = torch.einsum("bhtd,hnd->bhtn", q, self.offset_keys.to(q.dtype))
         scores = (q @ k.transpose(-1, -2) + per_offset.gather(-1, index)) * scale
-        if mask is not None and mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        elif mask is not None:
-            scores = scores + mask
-        weights = torch.softmax(at_least_float32(scores), dim=-1).to(q.dtype)
+        weights = attention_weights(scores, mask).to(q.dtype)
         by_offset = weights.new_zeros(*weights.shape[:-1], self.offset_keys.shape[1]).scatter_add_(-1, index, weights)
         return weights @ v + torch.einsum("bhtn,hnd->bhtd", by_offset, self.offset_values.to(q.dtype))
 
