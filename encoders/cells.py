@@ -36,9 +36,11 @@ from torch import nn
 
 from encoders.base import PairEmbedding
 from encoders.config import EncoderArchConfig
+from encoders.colours import ColourMap
 from encoders.objectives import add_contrastive, latent_steps_of
 from encoders.offsets import OffsetPrior, pair_canvases
 from trm.data.demos import PackedDemos, cell_triples
+from trm.data.grids import PAD_ID
 from trm.model.conditioning import Conditioner, Conditioning, register_conditioner
 from trm.model.layers import Block, SwiGLU, block_flops, cell_offsets, linear, rms_norm, swiglu_width, trunc_normal_
 
@@ -77,6 +79,8 @@ class CellConditioner(Conditioner):
         if arch.offset_prior:
             self.offset_prior = OffsetPrior(metadata["vocab_size"], self.side, arch.offset_prior_channels, arch.num_heads,
                                             arch.offset_prior_heads)  # fmt: skip
+        self.colour_map = ColourMap(metadata["vocab_size"], arch.hidden_size) if arch.colour_map else None
+        self.reads_canvases = arch.offset_prior or arch.colour_map  # the priors read each pair's two canvases
 
     @classmethod
     def build(cls, arch: EncoderArchConfig, metadata: dict) -> CellConditioner:
@@ -113,14 +117,14 @@ class CellConditioner(Conditioner):
     def encode_dense(self, demo_inputs: torch.Tensor, demo_labels: torch.Tensor) -> torch.Tensor:
         """(..., D, L) canvases -> each pair's cell tokens (..., D, T, d + 1), channel d 1 where the
         cell holds something (T = L, or 2L in the sequence layout, in canvas order); with the offset
-        prior two more channels hold, at t < L, the input's and the output's token at cell t (what
-        :meth:`context_of_pairs` correlates; constant under latent steps). No selection: shapes
+        prior or the colour map two more channels hold, at t < L, the input's and the output's
+        token at cell t (what :meth:`context_of_pairs` reads them from; constant under latent steps). No selection: shapes
         fixed by the input, no host-device synchronisation (``vmap``)."""
         lead = demo_inputs.shape[:-1]
         inputs, labels = demo_inputs.flatten(0, -2).long(), demo_labels.flatten(0, -2).long()
         tokens, cells = self.encode_pairs(cell_triples(inputs, labels, self.arch.encoder_pair_layout))
         parts = [tokens * cells[..., None], cells[..., None].to(tokens.dtype)]
-        if self.offset_prior is not None:
+        if self.reads_canvases:
             canvases = torch.stack((inputs, labels), dim=-1).to(tokens.dtype)  # (N, L, 2)
             parts.append(F.pad(canvases, (0, 0, 0, tokens.shape[1] - canvases.shape[1])))
         pairs = torch.cat(parts, dim=-1)
@@ -156,9 +160,9 @@ class CellConditioner(Conditioner):
         keep = self.select_demos(mask)
         tokens, cells, positions, slots = self.cells_of_pairs(pairs, keep)
         out = self.context_of_cells(tokens, cells, positions, slots)
-        if self.offset_prior is not None:
+        if self.reads_canvases:
             canvases = pairs[:, :, : self.side * self.side, self.dim + 1 :].detach().round().long()  # (B, D, L, 2)
-            out.offset_bias = self.offset_prior.bias(self.offset_prior.correlate(canvases[..., 0], canvases[..., 1]), keep)
+            self.add_priors(out, lambda statistic: statistic(canvases[..., 0], canvases[..., 1]), keep)
         return out
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Conditioning:
@@ -171,8 +175,7 @@ class CellConditioner(Conditioner):
             tokens, cells, positions, slots = self.cells_of_pairs(pairs, demo_mask)
         keep = self.select_demos(demo_mask)
         out = self.context_of_cells(tokens, self._selected(cells, slots, keep), positions, slots)
-        if self.offset_prior is not None:
-            out.offset_bias = self.offset_prior.bias(self.correlations(batch), keep)
+        self.add_priors(out, lambda statistic: self.per_slot(batch, statistic), keep)
         if self.latent_steps is not None:
             out.latent = pairs
         if self.training and self.arch.contrastive_weight > 0:
@@ -180,17 +183,24 @@ class CellConditioner(Conditioner):
                             self.summary, keep, batch["task_ids"], self.arch)  # fmt: skip
         return out
 
-    def correlations(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, D, channels, N): the offset prior's correlation of each demonstration slot (0 where
-        empty); packed, each distinct pair correlated once."""
+    def add_priors(self, out: Conditioning, per_slot, keep: torch.Tensor) -> None:
+        """Set ``out``'s offset bias and input embedding from the demonstration slots ``keep``
+        (B, D); ``per_slot(statistic)`` gives a pair statistic of canvases for every slot (B, D, ...)."""
+        if self.offset_prior is not None:
+            out.offset_bias = self.offset_prior.bias(per_slot(self.offset_prior.correlate), keep)
+        if self.colour_map is not None:
+            out.input_embedding = self.colour_map.embedding(per_slot(self.colour_map.count), keep)
+
+    def per_slot(self, batch: dict[str, torch.Tensor], statistic) -> torch.Tensor:
+        """(B, D, ...): ``statistic`` (input and output canvases (..., L) -> (..., ...)) of each
+        demonstration slot, that of a pair without cells where a slot is empty; packed, each
+        distinct pair once."""
         if "demos" not in batch:
-            return self.offset_prior.correlate(batch["demo_inputs"], batch["demo_labels"])
+            return statistic(batch["demo_inputs"], batch["demo_labels"])
         demos = batch["demos"]
-        pool = [self.offset_prior.correlate(*pair_canvases(block, self.arch.encoder_pair_layout, self.side))
-                for block in demos.blocks]  # fmt: skip
-        empty = torch.zeros(1, self.offset_prior.mix.shape[1], (2 * self.side - 1) ** 2, device=demos.index.device,
-                            dtype=pool[0].dtype if pool else torch.float32)  # the row of an empty slot  # fmt: skip
-        return torch.cat([*pool, empty])[demos.index]
+        pool = [statistic(*pair_canvases(block, self.arch.encoder_pair_layout, self.side)) for block in demos.blocks]
+        nothing = torch.full((1, self.side * self.side), PAD_ID, device=demos.index.device)
+        return torch.cat([*pool, statistic(nothing, nothing)])[demos.index]  # the last row: an empty slot's
 
     def summary(self, conditioning: Conditioning) -> torch.Tensor:
         """One vector per example of its context (the contrastive objective compares them)."""
@@ -277,7 +287,7 @@ def batch_cells(batch: dict[str, torch.Tensor]) -> int:
 
 def _pair_transformer_flops(conditioner: CellConditioner, batch: dict[str, torch.Tensor]) -> float:
     """The per-pair transformer's matrix products, as :meth:`DemoEncoder.forward_flops` counts them, and the
-    offset prior's correlations."""
+    offset prior's correlations and the colour map's counts."""
     layers = len(conditioner.blocks)
     if "demos" in batch:
         shapes = [tuple(b.shape[:2]) for b in batch["demos"].blocks]
@@ -287,4 +297,6 @@ def _pair_transformer_flops(conditioner: CellConditioner, batch: dict[str, torch
     flops = sum(block_flops(n, t, conditioner.dim, conditioner.arch.expansion, layers) for n, t in shapes)
     if conditioner.offset_prior is not None:
         flops += conditioner.offset_prior.flops(sum(n for n, _ in shapes))
+    if conditioner.colour_map is not None:
+        flops += conditioner.colour_map.flops(sum(n for n, _ in shapes), conditioner.side**2)
     return flops

@@ -72,6 +72,9 @@ class EncoderArchConfig(ArchConfig):
     offset_prior_heads: int | None = Field(
         None, ge=0, description="heads of the core whose offset prior starts switched on (the others start at 0 and "
         "learn it; None: half of num_heads, at least one)")  # fmt: skip
+    colour_map: bool = Field(
+        False, description="in_context, token_set: the share of each input colour's demonstration cells that became "
+        "each output colour, added to the embedding of every query cell of that colour (encoders/colours.py)")  # fmt: skip
 
     @model_validator(mode="after")
     def _sequence_of_any_length(self):
@@ -80,10 +83,11 @@ class EncoderArchConfig(ArchConfig):
         return self
 
     @model_validator(mode="after")
-    def _offset_prior_needs_cells_and_attention(self):
-        if self.offset_prior and self.conditioner not in ("in_context", "token_set"):
-            raise ValueError(f"offset_prior is read off every cell of the demonstrations: arch.conditioner=in_context or "
-                             f"token_set, not {self.conditioner}")  # fmt: skip
+    def _priors_need_cells_and_attention(self):
+        for prior in ("offset_prior", "colour_map"):
+            if getattr(self, prior) and self.conditioner not in ("in_context", "token_set"):
+                raise ValueError(f"{prior} is read off every cell of the demonstrations: arch.conditioner=in_context or "
+                                 f"token_set, not {self.conditioner}")  # fmt: skip
         if self.offset_prior_heads is not None and self.offset_prior_heads > self.num_heads:
             raise ValueError(f"offset_prior_heads {self.offset_prior_heads} > num_heads {self.num_heads}")
         if self.offset_prior and self.mlp_t:

@@ -245,10 +245,10 @@ def test_augmented_copies_are_the_task_under_one_transform(split):
             assert any(consistent(transform) for transform in range(8))
 
 
-@pytest.mark.parametrize("conditioner, arch", [("standard", {}), ("in_context", {"offset_prior": True})])
+@pytest.mark.parametrize("conditioner, arch", [("standard", {}), ("in_context", {"offset_prior": True, "colour_map": True})])
 def test_finetuning_adapts_only_its_target_per_task_and_writes_no_weight(split, conditioner, arch):
-    """Also for the in-context core with the offset prior, whose bias of attention depends on the
-    fitted weights (a float bias with a gradient, under vmap)."""
+    """Also for the in-context core with the offset prior and the colour map, whose bias of
+    attention and input embedding depend on the fitted weights (under vmap)."""
     model = make_model(conditioner, split.meta, **arch)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     fit = fit_batch(split, [0, 1])

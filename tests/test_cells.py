@@ -20,6 +20,7 @@ from test_encoders import ROWS, demo_pool, make_batch
 META = {"vocab_size": 12, "grid_size": 4, "seq_len": 16, "num_puzzle_identifiers": 10, "max_demos": 5}
 B, D = 4, 5
 CASES = [(c, layout) for c in ("in_context", "token_set") for layout in ("sequence", "overlay")]
+PRIORS = [{}, {"offset_prior": True}, {"colour_map": True}]  # what is read off the canvases besides the cells
 
 
 def make_cfg(conditioner, layout, **arch):
@@ -67,12 +68,12 @@ def test_few_or_no_demonstrations_give_finite_contexts_and_updates(conditioner, 
 
 
 @pytest.mark.parametrize("conditioner,layout", CASES)
-@pytest.mark.parametrize("offset_prior", [False, True])
-def test_every_weight_trains_on_continuing_act_steps(conditioner, layout, offset_prior):
+@pytest.mark.parametrize("priors", PRIORS)
+def test_every_weight_trains_on_continuing_act_steps(conditioner, layout, priors):
     """As for the pooled encoders: the second step's samples continue from the first, so a cached
     or detached context would leave the conditioner without gradient there (the offset prior's
-    features and mix included)."""
-    cfg = make_cfg(conditioner, layout, encoder_packing=False, offset_prior=offset_prior)
+    features and mix and the colour map's included)."""
+    cfg = make_cfg(conditioner, layout, encoder_packing=False, **priors)
     model = make_model(cfg)
     opt, plan = Optimisers(cfg, model), plan_run(cfg, examples_per_epoch=100, world_size=1)
     batch = make_batch()
@@ -88,13 +89,14 @@ def test_every_weight_trains_on_continuing_act_steps(conditioner, layout, offset
 
 
 @pytest.mark.parametrize("conditioner,layout", CASES)
-@pytest.mark.parametrize("variant", [{}, {"relative_2d": True}, {"offset_prior": True}, {"offset_prior": True, "relative_2d": True}])
+@pytest.mark.parametrize("variant", [{}, {"relative_2d": True}, {"offset_prior": True}, {"offset_prior": True, "relative_2d": True},
+                                     {"colour_map": True}])
 def test_packed_cells_give_the_padded_step_and_gradients(conditioner, layout, variant):
     """The same demonstrations on the canvas (every slot, PAD cells masked) and packed (each
     example's cells in a row, in several buckets, rows padded to the longest): the core's logits
     and halting, and every weight's gradient, agree in float64; also with relative 2-D attention
     (in the core and the per-pair transformer), whose offsets come from the cells' positions, and
-    with the offset prior, whose correlations come from the canvases rebuilt from the cells."""
+    with the offset prior and the colour map, read off the canvases rebuilt from the cells."""
     padded, packed = canvases()
     model = make_model(make_cfg(conditioner, layout, encoder_packing=False, **variant)).double()
     results = []
@@ -113,11 +115,11 @@ def test_packed_cells_give_the_padded_step_and_gradients(conditioner, layout, va
 
 
 @pytest.mark.parametrize("conditioner,layout", CASES)
-@pytest.mark.parametrize("offset_prior", [False, True])
-def test_padding_and_empty_slots_change_nothing(conditioner, layout, offset_prior):
+@pytest.mark.parametrize("priors", PRIORS)
+def test_padding_and_empty_slots_change_nothing(conditioner, layout, priors):
     """An example's outputs do not depend on its empty slots' content, on another example making
     the batch's context longer (more padding), or on what a PAD cell would embed to."""
-    make_cfg = functools.partial(_make_cfg, offset_prior=offset_prior)
+    make_cfg = functools.partial(_make_cfg, **priors)
     model = make_model(make_cfg(conditioner, layout)).eval()
     _, packed = canvases()
     batch = packed(layout)

@@ -122,19 +122,21 @@ def test_the_core_adds_the_bias_between_grid_cells_only():
 
 
 @pytest.mark.parametrize("layout", ["sequence", "overlay"])
-def test_the_dense_encoding_gives_the_same_bias(layout):
+def test_the_dense_encoding_gives_the_same_priors(layout):
     """Per-task fine-tuning and the latent steps rebuild the context from encode_dense's pairs: the
-    offset bias they give is the forward pass's."""
+    offset bias and the colour map's input embedding they give are the forward pass's."""
     from test_cells import canvases, make_cfg, make_model
 
     padded, _ = canvases()
-    model = make_model(make_cfg("in_context", layout, encoder_packing=False, offset_prior=True)).double().eval()
+    model = make_model(make_cfg("in_context", layout, encoder_packing=False, offset_prior=True, colour_map=True))
+    model = model.double().eval()
     with torch.no_grad():
-        direct = model.conditioner(padded).offset_bias
+        direct = model.conditioner(padded)
         pairs = model.conditioner.encode_dense(padded["demo_inputs"], padded["demo_labels"])
-        again = model.conditioner.context_of_pairs(pairs, padded["demo_mask"]).offset_bias
-    assert direct.abs().sum() > 0
-    torch.testing.assert_close(again, direct)
+        again = model.conditioner.context_of_pairs(pairs, padded["demo_mask"])
+    for prior in ("offset_bias", "input_embedding"):
+        assert getattr(direct, prior).abs().sum() > 0
+        torch.testing.assert_close(getattr(again, prior), getattr(direct, prior))
 
 
 @pytest.mark.parametrize("arch, message", [

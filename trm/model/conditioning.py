@@ -10,7 +10,9 @@ shape. Where some positions are padding, ``mask`` (B, P) says which tokens are r
 attended); ``positions`` (B, P) may give each token its rotary position (the grid's cells sit at
 ``puzzle_emb_len + i``; default: the context at 0..P-1); ``offset_bias`` (B, heads, (2 side - 1)^2)
 may add to the core's attention score from one grid cell to another a bias for their offset
-(dy, dx), per head (a task's prior over where a cell's answer lies). Then come auxiliary losses (already weighted, summed over the batch, added to the training loss and
+(dy, dx), per head (a task's prior over where a cell's answer lies); ``input_embedding`` (B, vocab,
+hidden) may add to the core's embedding of each query input token a vector per token (a task's
+prior over what each colour becomes). Then come auxiliary losses (already weighted, summed over the batch, added to the training loss and
 logged as ``train/<name>`` per sample) and metrics ((sum, count) pairs, logged as sum / count). The
 core never knows where the context came from.
 
@@ -44,17 +46,25 @@ class Conditioning:
     positions: torch.Tensor | None = None  # (B, P) long rotary positions (None: 0..P-1)
     latent: torch.Tensor | None = None  # (B, D, ...) the pair representations it came from, where latent steps apply
     offset_bias: torch.Tensor | None = None  # (B, heads, (2 side - 1)^2) attention bias between grid cells by offset (dy, dx)
+    input_embedding: torch.Tensor | None = None  # (B, vocab, hidden) added to the embedding of each query input token
+
+    # What the core reads besides the context, per batch row.
+    PER_ROW: ClassVar[tuple[str, ...]] = ("mask", "positions", "offset_bias", "input_embedding")
 
     def rows(self, index: torch.Tensor) -> Conditioning:
-        """The conditioning of batch rows ``index`` (context, mask, positions, offset bias; no
+        """The conditioning of batch rows ``index`` (context and what the core reads besides; no
         losses or metrics)."""
-        pick = lambda t: None if t is None else t[index]  # noqa: E731
-        return Conditioning(self.context[index], mask=pick(self.mask), positions=pick(self.positions),
-                            offset_bias=pick(self.offset_bias))  # fmt: skip
+        picked = {k: None if getattr(self, k) is None else getattr(self, k)[index] for k in self.PER_ROW}
+        return Conditioning(self.context[index], **picked)
 
     def with_context(self, context: torch.Tensor) -> Conditioning:
-        """The same tokens' mask, positions and offset bias around another ``context`` of the same shape."""
-        return Conditioning(context, mask=self.mask, positions=self.positions, offset_bias=self.offset_bias)
+        """What the core reads besides the context (mask, positions, biases) around another
+        ``context`` of the same shape."""
+        return Conditioning(context, **{k: getattr(self, k) for k in self.PER_ROW})
+
+    def core_inputs(self) -> tuple:
+        """The arguments of :meth:`RecursiveCore.forward` after the inputs, in its order."""
+        return (self.context, *(getattr(self, k) for k in self.PER_ROW))
 
 
 @dataclass

@@ -55,17 +55,20 @@ class RecursiveCore(nn.Module):
 
     def forward(self, z_H: torch.Tensor, z_L: torch.Tensor, inputs: torch.Tensor, context: torch.Tensor,
                 context_mask: torch.Tensor | None = None, context_positions: torch.Tensor | None = None,
-                offset_bias: torch.Tensor | None = None):  # fmt: skip
+                offset_bias: torch.Tensor | None = None, input_embedding: torch.Tensor | None = None):  # fmt: skip
         """z_H, z_L: (B, P + L, hidden); inputs: (B, L) tokens; context: (B, P, hidden), any P;
         context_mask: (B, P) bool, False for padding (never attended); context_positions: (B, P)
         rotary positions of the context (the grid then at puzzle_emb_len + i; default: the whole
         sequence at 0..P+L-1, as published); offset_bias: (B, heads, (2 side - 1)^2), added to
-        every head's score from grid cell i to grid cell j by their offset (dy, dx).
+        every head's score from grid cell i to grid cell j by their offset (dy, dx); input_embedding:
+        (B, vocab, hidden), row t added to the embedding of each input token t.
 
         Returns new (z_H, z_L), logits (B, L, vocab) and q_logits (B, 2) float32.
         """
         P = context.shape[1]
         tokens = self.embed_scale * self.embed_tokens(inputs)
+        if input_embedding is not None:
+            tokens = tokens + torch.gather(input_embedding.to(tokens.dtype), 1, inputs.long()[..., None].expand_as(tokens))
         x = torch.cat((context.to(tokens.dtype), tokens), dim=1)
         rope, key_mask, offsets = self.positions(inputs, P, context_mask, context_positions, offset_bias)
         with torch.no_grad():
@@ -261,7 +264,7 @@ class TinyRecursiveModel(nn.Module):
         cond = conditioning if conditioning is not None else self.condition({**batch, **data})
         P, L = cond.context.shape[1], data["inputs"].shape[1]
         z_H, z_L = self.fitted(z_H, self.core.H_init, P, L), self.fitted(z_L, self.core.L_init, P, L)
-        z_H, z_L, logits, q = self.core(z_H, z_L, data["inputs"], cond.context, cond.mask, cond.positions, cond.offset_bias)
+        z_H, z_L, logits, q = self.core(z_H, z_L, data["inputs"], *cond.core_inputs())
         q_halt, q_continue = q[:, 0], q[:, 1]
 
         max_steps = self.arch.halt_max_steps
@@ -275,8 +278,7 @@ class TinyRecursiveModel(nn.Module):
                 halted &= steps >= min_steps
                 if not self.arch.no_ACT_continue:
                     # Q-learning target for "continue": the halting value one step later.
-                    _, _, _, q_next = self.core(z_H, z_L, data["inputs"], cond.context, cond.mask, cond.positions,
-                                                cond.offset_bias)  # fmt: skip
+                    _, _, _, q_next = self.core(z_H, z_L, data["inputs"], *cond.core_inputs())
                     best_next = torch.where(steps >= max_steps, q_next[:, 0], q_next.max(dim=-1).values)
                     target_q_continue = torch.sigmoid(best_next)
         new_carry = Carry(z_H.detach(), z_L.detach(), steps.to(torch.int32), halted, data)

@@ -1,0 +1,55 @@
+"""The colour map (``arch.colour_map``): what each colour becomes, read off the demonstrations and
+added to the embedding of every query cell of that colour.
+
+For each demonstration pair, count[a, b] is the number of canvas cells holding token a in the input
+and token b in the output (PAD in either: not counted). Summed over the task's present
+demonstrations and normalised per input token, row a is the share of a's cells that became each
+token: one-hot at b where the demonstrations map a to b, spread where they disagree, 0 where no
+demonstration shows a. Through a learned (vocab, hidden) map the core adds row a to the embedding
+of every query input cell holding a (``Conditioning.input_embedding``): each query cell carries what
+the demonstrations did to its colour, so that a colour map never trained (a held-out colour pair, a
+new family's cycle) arrives in the same form as a trained one. It sees cells that keep their place:
+where a cell's answer lies is the offset prior's (encoders/offsets.py); in a task that moves or
+resizes its grid the rows are a blur, which the core learns to weigh.
+
+Cost: vocab^2 multiply-adds per cell of each pair, and a (B, vocab, hidden) table.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trm.data.grids import PAD_ID
+from trm.model.layers import trunc_normal_
+
+
+class ColourMap(nn.Module):
+    """A task's token-to-token map from its demonstrations, as a per-token input embedding."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        # Row b: "this cell becomes b", at the scale of the core's scaled token embeddings.
+        self.to_hidden = nn.Parameter(trunc_normal_(torch.empty(vocab_size, hidden_size), 1.0))
+
+    def count(self, inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        """(..., L) input and output canvases -> (..., vocab, vocab): count[a, b] of the cells
+        holding a in the input and b in the output."""
+        tokens = torch.arange(self.to_hidden.shape[0], device=inputs.device)
+        inputs, outputs = inputs.long(), outputs.long()
+        both = ((inputs != PAD_ID) & (outputs != PAD_ID))[..., None]
+        a = ((inputs[..., None] == tokens) & both).to(self.to_hidden.dtype)  # (..., L, vocab); comparisons, not
+        b = (outputs[..., None] == tokens).to(self.to_hidden.dtype)  # one_hot: they batch under vmap
+        return a.transpose(-1, -2) @ b
+
+    def embedding(self, per_pair: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """per_pair (B, D, vocab, vocab) of :meth:`count`, mask (B, D) -> (B, vocab, hidden): each
+        input token's row of shares over the present demonstrations, mapped to the core's width
+        (0 for a token no present demonstration shows)."""
+        counts = (per_pair * mask.to(per_pair.dtype)[..., None, None]).sum(1)
+        shares = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+        return shares @ self.to_hidden.to(shares.dtype)
+
+    def flops(self, pairs: int, cells: int) -> float:
+        vocab = self.to_hidden.shape[0]
+        return 2.0 * pairs * cells * vocab * vocab
