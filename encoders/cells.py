@@ -118,8 +118,8 @@ class CellConditioner(Conditioner):
         """(..., D, L) canvases -> each pair's cell tokens (..., D, T, d + 1), channel d 1 where the
         cell holds something (T = L, or 2L in the sequence layout, in canvas order); with the offset
         prior or the colour map two more channels hold, at t < L, the input's and the output's
-        token at cell t (what :meth:`context_of_pairs` reads them from; constant under latent steps). No selection: shapes
-        fixed by the input, no host-device synchronisation (``vmap``)."""
+        token at cell t (what :meth:`context_of_pairs` reads them from; constant under latent
+        steps). No selection: shapes fixed by the input, no host-device synchronisation (``vmap``)."""
         lead = demo_inputs.shape[:-1]
         inputs, labels = demo_inputs.flatten(0, -2).long(), demo_labels.flatten(0, -2).long()
         tokens, cells = self.encode_pairs(cell_triples(inputs, labels, self.arch.encoder_pair_layout))
