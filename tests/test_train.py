@@ -195,10 +195,11 @@ def test_a_directory_holding_another_run_is_not_overwritten(tiny_dataset, tmp_pa
 # weights without gradient, which DDP must leave alone); DDP for every other encoder, pooling and
 # pair layout of the plan (each with its own parameters DDP must find used), the conditioners that
 # read every cell, the contrastive objective (its candidates gathered from every rank) and latent
-# steps (differentiated through: a gradient of a gradient under DDP), and the offset prior.
+# steps (differentiated through: a gradient of a gradient under DDP), and the offset prior with the
+# colour map.
 REDUCER_CASES = [(e, r) for e in ("E0v2", "E1v2", "E_diag1") for r in ("all-reduce", "ddp")] + [
     (e, "ddp") for e in ("E2_lpn", "E7_attention", "E8_pool_cls", "E13_overlay", "E_diag3_identity", "E14_in_context",
-                         "E15_token_set", "E16_contrastive", "E17_latent_steps", "E21_offset_prior")] + [
+                         "E15_token_set", "E16_contrastive", "E17_latent_steps", "E23_offset_colour")] + [
     ("E16_contrastive", "all-reduce")]  # fmt: skip
 
 
