@@ -80,7 +80,11 @@ class CellConditioner(Conditioner):
             self.offset_prior = OffsetPrior(metadata["vocab_size"], self.side, arch.offset_prior_channels, arch.num_heads,
                                             arch.offset_prior_heads)  # fmt: skip
         self.colour_map = ColourMap(metadata["vocab_size"], arch.hidden_size) if arch.colour_map else None
-        self.reads_canvases = arch.offset_prior or arch.colour_map  # the priors read each pair's two canvases
+
+    @property
+    def reads_canvases(self) -> bool:
+        """Whether a prior reads each pair's two canvases (the offset prior, the colour map)."""
+        return self.offset_prior is not None or self.colour_map is not None
 
     @classmethod
     def build(cls, arch: EncoderArchConfig, metadata: dict) -> CellConditioner:

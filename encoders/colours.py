@@ -38,8 +38,9 @@ class ColourMap(nn.Module):
         tokens = torch.arange(self.to_hidden.shape[0], device=inputs.device)
         inputs, outputs = inputs.long(), outputs.long()
         both = ((inputs != PAD_ID) & (outputs != PAD_ID))[..., None]
-        a = ((inputs[..., None] == tokens) & both).to(self.to_hidden.dtype)  # (..., L, vocab); comparisons, not
-        b = (outputs[..., None] == tokens).to(self.to_hidden.dtype)  # one_hot: they batch under vmap
+        # One-hot rows (..., L, vocab) by comparison: no range check synchronising with the device.
+        a = ((inputs[..., None] == tokens) & both).to(self.to_hidden.dtype)
+        b = (outputs[..., None] == tokens).to(self.to_hidden.dtype)
         return a.transpose(-1, -2) @ b
 
     def embedding(self, per_pair: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

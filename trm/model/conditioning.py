@@ -62,9 +62,10 @@ class Conditioning:
         ``context`` of the same shape."""
         return Conditioning(context, **{k: getattr(self, k) for k in self.PER_ROW})
 
-    def core_inputs(self) -> tuple:
-        """The arguments of :meth:`RecursiveCore.forward` after the inputs, in its order."""
-        return (self.context, *(getattr(self, k) for k in self.PER_ROW))
+    def core_inputs(self) -> dict[str, torch.Tensor | None]:
+        """The keyword arguments of :meth:`RecursiveCore.forward` that the conditioning gives."""
+        return {"context": self.context, "context_mask": self.mask, "context_positions": self.positions,
+                "offset_bias": self.offset_bias, "input_embedding": self.input_embedding}
 
 
 @dataclass
