@@ -62,10 +62,10 @@ class Conditioning:
         ``context`` of the same shape."""
         return Conditioning(context, **{k: getattr(self, k) for k in self.PER_ROW})
 
-    def core_inputs(self) -> dict[str, torch.Tensor | None]:
-        """The keyword arguments of :meth:`RecursiveCore.forward` that the conditioning gives."""
-        return {"context": self.context, "context_mask": self.mask, "context_positions": self.positions,
-                "offset_bias": self.offset_bias, "input_embedding": self.input_embedding}
+    def core_inputs(self) -> tuple[torch.Tensor | None, ...]:
+        """The arguments of :meth:`RecursiveCore.forward` after the inputs, in its order (context,
+        context_mask, context_positions, offset_bias, input_embedding)."""
+        return self.context, self.mask, self.positions, self.offset_bias, self.input_embedding
 
 
 @dataclass

@@ -264,7 +264,7 @@ class TinyRecursiveModel(nn.Module):
         cond = conditioning if conditioning is not None else self.condition({**batch, **data})
         P, L = cond.context.shape[1], data["inputs"].shape[1]
         z_H, z_L = self.fitted(z_H, self.core.H_init, P, L), self.fitted(z_L, self.core.L_init, P, L)
-        z_H, z_L, logits, q = self.core(z_H, z_L, data["inputs"], **cond.core_inputs())
+        z_H, z_L, logits, q = self.core(z_H, z_L, data["inputs"], *cond.core_inputs())
         q_halt, q_continue = q[:, 0], q[:, 1]
 
         max_steps = self.arch.halt_max_steps
@@ -278,7 +278,7 @@ class TinyRecursiveModel(nn.Module):
                 halted &= steps >= min_steps
                 if not self.arch.no_ACT_continue:
                     # Q-learning target for "continue": the halting value one step later.
-                    _, _, _, q_next = self.core(z_H, z_L, data["inputs"], **cond.core_inputs())
+                    _, _, _, q_next = self.core(z_H, z_L, data["inputs"], *cond.core_inputs())
                     best_next = torch.where(steps >= max_steps, q_next[:, 0], q_next.max(dim=-1).values)
                     target_q_continue = torch.sigmoid(best_next)
         new_carry = Carry(z_H.detach(), z_L.detach(), steps.to(torch.int32), halted, data)
