@@ -68,9 +68,24 @@ def test_steps_come_from_examples_not_groups():
     cfg = TrainConfig(global_batch_size=256, epochs=100000, eval_interval=10000)
     plan = plan_run(cfg, examples_per_epoch=250, world_size=4)
     assert plan.total_steps == 100000 * 250 // 256 and plan.local_batch_size == 64
-    assert plan.eval_every_steps == 10000 * 250 // 256
+    evaluations = [s for s in range(1, plan.last_step + 1) if plan.evaluates_at(s)]
+    assert evaluations == [k * 10000 * 250 // 256 for k in range(1, 11)] and evaluations[-1] == plan.total_steps
     with pytest.raises(ConfigError, match="not divisible by 3 ranks"):
         plan_run(cfg, 250, world_size=3)
+
+
+def test_the_last_interval_ends_at_the_last_step():
+    # 20 epochs of 9,008 examples in batches of 32 are 5,630 steps; an interval of 5 epochs is
+    # 1,407.5 steps: evaluations where each interval ends, the fourth being the final one (counting
+    # whole intervals of 1,407 steps put one at 5,628 and another at 5,630).
+    plan = plan_run(TrainConfig(global_batch_size=32, epochs=20, eval_interval=5), 9008, world_size=1)
+    assert [s for s in range(1, 6000) if plan.evaluates_at(s)] == [1407, 2815, 4222, 5630]
+    cut = plan_run(TrainConfig(global_batch_size=32, epochs=20, eval_interval=5, max_steps=3000), 9008, world_size=1)
+    assert [s for s in range(1, 6000) if cut.evaluates_at(s)] == [1407, 2815, 3000]
+    once = plan_run(TrainConfig(global_batch_size=32, epochs=20, eval_interval=None), 9008, world_size=1)
+    assert [s for s in range(1, 6000) if once.evaluates_at(s)] == [5630]
+    every = plan_run(TrainConfig(global_batch_size=32, epochs=20, eval_interval=1), 8, world_size=1)  # 1 epoch < 1 batch
+    assert all(every.evaluates_at(s) for s in range(1, every.last_step + 1))
 
 
 FAMILY_EXPERIMENTS = sorted(p.stem for p in (ROOT / "config" / "experiment").glob("*_families.yaml"))

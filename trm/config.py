@@ -247,8 +247,20 @@ class RunPlan:
     examples_per_epoch: int
     total_steps: int  # length of the lr schedule: epochs of examples / global batch
     last_step: int  # where training stops (max_steps may cut it short)
-    eval_every_steps: int  # 0: evaluate only at the end
+    eval_interval_examples: int  # examples drawn between evaluations; 0: evaluate only at the end
+    global_batch_size: int
     local_eval_batch_size: int
+
+    def evaluates_at(self, step: int) -> bool:
+        """Whether training evaluates after ``step``: at the last step, and where each further
+        ``eval_interval`` epochs of examples end (step ``k * interval examples // global batch``,
+        k = 1, 2, ...), so the end of the last interval is the final evaluation, not a second one
+        a few steps before it (rounding each interval down would drift by a step per interval)."""
+        if step >= self.last_step or not self.eval_interval_examples:
+            return step == self.last_step
+        # k: the last interval whose end, k * examples / batch, lies before step + 1
+        k = ((step + 1) * self.global_batch_size - 1) // self.eval_interval_examples
+        return k >= 1 and k * self.eval_interval_examples // self.global_batch_size == step
 
 
 def plan_run(cfg: TrainConfig, examples_per_epoch: int, world_size: int) -> RunPlan:
@@ -261,14 +273,15 @@ def plan_run(cfg: TrainConfig, examples_per_epoch: int, world_size: int) -> RunP
     total = max(1, (cfg.epochs * examples_per_epoch) // cfg.global_batch_size)
     every = 0
     if cfg.eval_interval is not None and cfg.eval_interval < cfg.epochs:
-        every = max(1, (cfg.eval_interval * examples_per_epoch) // cfg.global_batch_size)
+        every = cfg.eval_interval * examples_per_epoch
     return RunPlan(
         world_size=world_size,
         local_batch_size=cfg.global_batch_size // world_size,
         examples_per_epoch=examples_per_epoch,
         total_steps=total,
         last_step=total if cfg.max_steps is None else min(total, cfg.max_steps),
-        eval_every_steps=every,
+        eval_interval_examples=every,
+        global_batch_size=cfg.global_batch_size,
         local_eval_batch_size=eval_batch // world_size,
     )
 

@@ -483,7 +483,7 @@ def _train(cfg: TrainConfig, raw_config: dict, env: DistEnv, data_dir: Path) -> 
                             f"(max_skipped_steps={cfg.max_skipped_steps}); {run_dir / 'checkpoints'} keeps the last "
                             "good state"
                         )
-                if (plan.eval_every_steps and step % plan.eval_every_steps == 0) or step == plan.last_step:
+                if plan.evaluates_at(step):
                     evaluate_here()
                 elif step % cfg.checkpoint_interval == 0:
                     save()
