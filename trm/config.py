@@ -271,16 +271,16 @@ def plan_run(cfg: TrainConfig, examples_per_epoch: int, world_size: int) -> RunP
         raise ConfigError(f"eval.batch_size {eval_batch} is not divisible by {world_size} ranks")
     # Steps come from the examples an epoch draws (not from the number of groups).
     total = max(1, (cfg.epochs * examples_per_epoch) // cfg.global_batch_size)
-    every = 0
+    interval_examples = 0
     if cfg.eval_interval is not None and cfg.eval_interval < cfg.epochs:
-        every = cfg.eval_interval * examples_per_epoch
+        interval_examples = cfg.eval_interval * examples_per_epoch
     return RunPlan(
         world_size=world_size,
         local_batch_size=cfg.global_batch_size // world_size,
         examples_per_epoch=examples_per_epoch,
         total_steps=total,
         last_step=total if cfg.max_steps is None else min(total, cfg.max_steps),
-        eval_interval_examples=every,
+        eval_interval_examples=interval_examples,
         global_batch_size=cfg.global_batch_size,
         local_eval_batch_size=eval_batch // world_size,
     )
