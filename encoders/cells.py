@@ -79,7 +79,9 @@ class CellConditioner(Conditioner):
         if arch.offset_prior:
             self.offset_prior = OffsetPrior(metadata["vocab_size"], self.side, arch.offset_prior_channels, arch.num_heads,
                                             arch.offset_prior_heads)  # fmt: skip
-        self.colour_map = ColourMap(metadata["vocab_size"], arch.hidden_size) if arch.colour_map else None
+        self.colour_map = None
+        if arch.colour_map:
+            self.colour_map = ColourMap(metadata["vocab_size"], arch.hidden_size, arch.colour_map_logits)
 
     @property
     def reads_canvases(self) -> bool:
@@ -188,12 +190,13 @@ class CellConditioner(Conditioner):
         return out
 
     def add_priors(self, out: Conditioning, per_slot, keep: torch.Tensor) -> None:
-        """Set ``out``'s offset bias and input embedding from the demonstration slots ``keep``
+        """Set ``out``'s offset bias, input embedding and output bias from the demonstration slots ``keep``
         (B, D); ``per_slot(statistic)`` gives a pair statistic of canvases for every slot (B, D, ...)."""
         if self.offset_prior is not None:
             out.offset_bias = self.offset_prior.bias(per_slot(self.offset_prior.correlate), keep)
         if self.colour_map is not None:
-            out.input_embedding = self.colour_map.embedding(per_slot(self.colour_map.count), keep)
+            shares = self.colour_map.shares(per_slot(self.colour_map.count), keep)
+            out.input_embedding, out.output_bias = self.colour_map.embedding(shares), self.colour_map.logits(shares)
 
     def per_slot(self, batch: dict[str, torch.Tensor], statistic) -> torch.Tensor:
         """(B, D, ...): ``statistic`` (input and output canvases (..., L) -> (..., ...)) of each

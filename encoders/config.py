@@ -75,6 +75,9 @@ class EncoderArchConfig(ArchConfig):
     colour_map: bool = Field(
         False, description="in_context, token_set: the share of each input colour's demonstration cells that became "
         "each output colour, added to the embedding of every query cell of that colour (encoders/colours.py)")  # fmt: skip
+    colour_map_logits: float | None = Field(
+        None, gt=0, description="with colour_map: each query cell's row of shares also added to its output logits, times a "
+        "learned positive weight that starts at this value (None: off)")  # fmt: skip
 
     @model_validator(mode="after")
     def _sequence_of_any_length(self):
@@ -90,6 +93,8 @@ class EncoderArchConfig(ArchConfig):
                                  f"token_set, not {self.conditioner}")  # fmt: skip
         if self.offset_prior_heads is not None and self.offset_prior_heads > self.num_heads:
             raise ValueError(f"offset_prior_heads {self.offset_prior_heads} > num_heads {self.num_heads}")
+        if self.colour_map_logits is not None and not self.colour_map:
+            raise ValueError("colour_map_logits adds the colour map's rows to the logits: it needs colour_map=true")
         if self.offset_prior and self.mlp_t:
             raise ValueError("offset_prior biases attention; mlp_t has none")
         return self

@@ -20,7 +20,8 @@ from test_encoders import ROWS, demo_pool, make_batch
 META = {"vocab_size": 12, "grid_size": 4, "seq_len": 16, "num_puzzle_identifiers": 10, "max_demos": 5}
 B, D = 4, 5
 CASES = [(c, layout) for c in ("in_context", "token_set") for layout in ("sequence", "overlay")]
-PRIORS = [{}, {"offset_prior": True}, {"colour_map": True}]  # what is read off the canvases besides the cells
+# What is read off the canvases besides the cells (the colour map with its logit path: both its outputs).
+PRIORS = [{}, {"offset_prior": True}, {"colour_map": True, "colour_map_logits": 10.0}]
 
 
 def make_cfg(conditioner, layout, **arch):
@@ -90,7 +91,7 @@ def test_every_weight_trains_on_continuing_act_steps(conditioner, layout, priors
 
 @pytest.mark.parametrize("conditioner,layout", CASES)
 @pytest.mark.parametrize("variant", [{}, {"relative_2d": True}, {"offset_prior": True}, {"offset_prior": True, "relative_2d": True},
-                                     {"colour_map": True}])
+                                     {"colour_map": True, "colour_map_logits": 10.0}])
 def test_packed_cells_give_the_padded_step_and_gradients(conditioner, layout, variant):
     """The same demonstrations on the canvas (every slot, PAD cells masked) and packed (each
     example's cells in a row, in several buckets, rows padded to the longest): the core's logits

@@ -1,6 +1,7 @@
 """The colour map (encoders/colours.py): its counts against a plain loop, its shares counted by
 hand, a held-out colour pair arriving in the form of a trained one, the core adding the row of
-each input token, and its configuration's refusal."""
+each input token to its embedding and (the logit path) to its logits, and its configuration's
+refusals."""
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ def test_shares_over_the_present_demonstrations_counted_by_hand():
     pairs = torch.tensor([[[2, 2, 5, 0], [2, 6, 6, 6], [2, 2, 2, 2]]])  # (B=1, D=3, L=4) inputs
     outputs = torch.tensor([[[3, 3, 5, 7], [4, 0, 0, 0], [6, 6, 6, 6]]])
     mask = torch.tensor([[True, True, False]])
-    shares = colours.embedding(colours.count(pairs, outputs), mask)[0]
+    shares = colours.embedding(colours.shares(colours.count(pairs, outputs), mask))[0]
     want = torch.zeros(8, 8, dtype=torch.float64)
     want[2, 3], want[2, 4], want[5, 5] = 2 / 3, 1 / 3, 1.0
     torch.testing.assert_close(shares, want)
@@ -49,7 +50,7 @@ def test_a_held_out_colour_pair_arrives_as_a_trained_one():
     colours = ColourMap(vocab_size=12, hidden_size=16)
     inputs = torch.tensor([[[2, 2, 9, 0]], [[4, 9, 4, 0]]])
     outputs = torch.tensor([[[7, 7, 9, 0]], [[7, 9, 7, 0]]])
-    table = colours.embedding(colours.count(inputs, outputs), torch.ones(2, 1, dtype=torch.bool))
+    table = colours.embedding(colours.shares(colours.count(inputs, outputs), torch.ones(2, 1, dtype=torch.bool)))
     torch.testing.assert_close(table[0, 2], table[1, 4])
     torch.testing.assert_close(table[0, 2], colours.to_hidden[7])
     torch.testing.assert_close(table[0, 9], table[1, 9])  # the colour kept in both
@@ -79,6 +80,44 @@ def test_the_core_adds_each_input_tokens_row():
     assert not torch.allclose(got, run(None))
 
 
+def test_logit_rows_are_the_shares_times_the_learned_weight():
+    """The logit path's rows: the shares times the weight it starts at (10), learned through its
+    logarithm (d/d log w of w x shares = w x shares); without the path, none."""
+    colours = ColourMap(vocab_size=6, hidden_size=4, logit_weight=10.0).double()
+    inputs, outputs = torch.tensor([[[1, 1, 2, 3]]]), torch.tensor([[[4, 5, 2, 0]]])  # 1 -> 4, 5; 2 stays; 3 -> PAD
+    shares = colours.shares(colours.count(inputs, outputs), torch.ones(1, 1, dtype=torch.bool))
+    bias = colours.logits(shares)
+    want = torch.zeros(1, 6, 6, dtype=torch.float64)
+    want[0, 1, 4], want[0, 1, 5], want[0, 2, 2] = 5.0, 5.0, 10.0
+    torch.testing.assert_close(bias, want)
+    bias.sum().backward()
+    torch.testing.assert_close(colours.log_logit_weight.grad, want.sum())
+    assert ColourMap(vocab_size=6, hidden_size=4).logits(shares) is None
+
+
+def test_the_core_adds_each_input_tokens_logit_row():
+    """A zero bias changes nothing; otherwise each grid cell's logits gain the row of its input
+    token, and nothing else changes (the context, the halting)."""
+    arch = ArchConfig(hidden_size=16, num_heads=2, L_layers=1, H_cycles=1, L_cycles=1, puzzle_emb_len=2)
+    torch.manual_seed(0)
+    core = RecursiveCore(arch, vocab_size=12, seq_len=9).double()
+    B, P, L = 2, 2, 9
+    inputs = torch.randint(0, 12, (B, L))
+    context = torch.randn(B, P, 16, dtype=torch.float64)
+    z = torch.randn(B, P + L, 16, dtype=torch.float64)
+    run = lambda bias: core(z, z, inputs, context, None, None, None, None, bias)  # noqa: E731
+    plain = run(None)
+    torch.testing.assert_close(run(torch.zeros(B, 12, 12, dtype=torch.float64))[2], plain[2])
+    bias = torch.randn(B, 12, 12, dtype=torch.float64)
+    got = run(bias)
+    for b in range(B):
+        for i in range(L):
+            torch.testing.assert_close(got[2][b, i], plain[2][b, i] + bias[b, inputs[b, i]])
+    torch.testing.assert_close(got[3], plain[3])
+
+
 def test_colour_map_refuses_a_conditioner_without_cells():
     with pytest.raises(ValueError, match="colour_map is read off every cell of the demonstrations"):
         EncoderArchConfig(colour_map=True, conditioner="demo_encoder")
+    with pytest.raises(ValueError, match="colour_map_logits .* needs colour_map=true"):
+        EncoderArchConfig(colour_map_logits=10.0, conditioner="in_context")

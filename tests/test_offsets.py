@@ -124,17 +124,18 @@ def test_the_core_adds_the_bias_between_grid_cells_only():
 @pytest.mark.parametrize("layout", ["sequence", "overlay"])
 def test_the_dense_encoding_gives_the_same_priors(layout):
     """Per-task fine-tuning and the latent steps rebuild the context from encode_dense's pairs: the
-    offset bias and the colour map's input embedding they give are the forward pass's."""
+    offset bias and the colour map's input embedding and output bias they give are the forward pass's."""
     from test_cells import canvases, make_cfg, make_model
 
     padded, _ = canvases()
-    model = make_model(make_cfg("in_context", layout, encoder_packing=False, offset_prior=True, colour_map=True))
+    model = make_model(make_cfg("in_context", layout, encoder_packing=False, offset_prior=True, colour_map=True,
+                                colour_map_logits=10.0))
     model = model.double().eval()
     with torch.no_grad():
         direct = model.conditioner(padded)
         pairs = model.conditioner.encode_dense(padded["demo_inputs"], padded["demo_labels"])
         again = model.conditioner.context_of_pairs(pairs, padded["demo_mask"])
-    for prior in ("offset_bias", "input_embedding"):
+    for prior in ("offset_bias", "input_embedding", "output_bias"):
         assert getattr(direct, prior).abs().sum() > 0
         torch.testing.assert_close(getattr(again, prior), getattr(direct, prior))
 

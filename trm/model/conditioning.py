@@ -12,7 +12,8 @@ attended); ``positions`` (B, P) may give each token its rotary position (the gri
 may add to the core's attention score from one grid cell to another a bias for their offset
 (dy, dx), per head (a task's prior over where a cell's answer lies); ``input_embedding`` (B, vocab,
 hidden) may add to the core's embedding of each query input token a vector per token (a task's
-prior over what each colour becomes). Then come auxiliary losses (already weighted, summed over the batch, added to the training loss and
+prior over what each colour becomes), and ``output_bias`` (B, vocab, vocab) to the output logits of
+each query cell a row per input token (the same prior, in logits). Then come auxiliary losses (already weighted, summed over the batch, added to the training loss and
 logged as ``train/<name>`` per sample) and metrics ((sum, count) pairs, logged as sum / count). The
 core never knows where the context came from.
 
@@ -47,9 +48,10 @@ class Conditioning:
     latent: torch.Tensor | None = None  # (B, D, ...) the pair representations it came from, where latent steps apply
     offset_bias: torch.Tensor | None = None  # (B, heads, (2 side - 1)^2) attention bias between grid cells by offset (dy, dx)
     input_embedding: torch.Tensor | None = None  # (B, vocab, hidden) added to the embedding of each query input token
+    output_bias: torch.Tensor | None = None  # (B, vocab, vocab) row t added to the logits of each query cell holding t
 
     # What the core reads besides the context, per batch row.
-    PER_ROW: ClassVar[tuple[str, ...]] = ("mask", "positions", "offset_bias", "input_embedding")
+    PER_ROW: ClassVar[tuple[str, ...]] = ("mask", "positions", "offset_bias", "input_embedding", "output_bias")
 
     def rows(self, index: torch.Tensor) -> Conditioning:
         """The conditioning of batch rows ``index`` (context and what the core reads besides; no
@@ -64,8 +66,8 @@ class Conditioning:
 
     def core_inputs(self) -> tuple[torch.Tensor | None, ...]:
         """The arguments of :meth:`RecursiveCore.forward` after the inputs, in its order (context,
-        context_mask, context_positions, offset_bias, input_embedding)."""
-        return self.context, self.mask, self.positions, self.offset_bias, self.input_embedding
+        context_mask, context_positions, offset_bias, input_embedding, output_bias)."""
+        return self.context, self.mask, self.positions, self.offset_bias, self.input_embedding, self.output_bias
 
 
 @dataclass

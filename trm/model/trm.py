@@ -55,13 +55,15 @@ class RecursiveCore(nn.Module):
 
     def forward(self, z_H: torch.Tensor, z_L: torch.Tensor, inputs: torch.Tensor, context: torch.Tensor,
                 context_mask: torch.Tensor | None = None, context_positions: torch.Tensor | None = None,
-                offset_bias: torch.Tensor | None = None, input_embedding: torch.Tensor | None = None):  # fmt: skip
+                offset_bias: torch.Tensor | None = None, input_embedding: torch.Tensor | None = None,
+                output_bias: torch.Tensor | None = None):  # fmt: skip
         """z_H, z_L: (B, P + L, hidden); inputs: (B, L) tokens; context: (B, P, hidden), any P;
         context_mask: (B, P) bool, False for padding (never attended); context_positions: (B, P)
         rotary positions of the context (the grid then at puzzle_emb_len + i; default: the whole
         sequence at 0..P+L-1, as published); offset_bias: (B, heads, (2 side - 1)^2), added to
         every head's score from grid cell i to grid cell j by their offset (dy, dx); input_embedding:
-        (B, vocab, hidden), row t added to the embedding of each input token t.
+        (B, vocab, hidden), row t added to the embedding of each input token t; output_bias: (B,
+        vocab, vocab), row t added to the logits of each grid cell whose input token is t.
 
         Returns new (z_H, z_L), logits (B, L, vocab) and q_logits (B, 2) float32.
         """
@@ -80,6 +82,8 @@ class RecursiveCore(nn.Module):
             z_L = self.net(z_L, z_H + x, rope, key_mask, offsets)
         z_H = self.net(z_H, z_L, rope, key_mask, offsets)
         logits = self.lm_head(z_H[:, P:])
+        if output_bias is not None:
+            logits = logits + torch.gather(output_bias.to(logits.dtype), 1, inputs.long()[..., None].expand_as(logits))
         q_logits = self.q_head(z_H[:, 0]).float()
         return z_H, z_L, logits, q_logits
 
