@@ -197,6 +197,9 @@ class CellConditioner(Conditioner):
         if self.colour_map is not None:
             shares = self.colour_map.shares(per_slot(self.colour_map.count), keep)
             out.input_embedding, out.output_bias = self.colour_map.embedding(shares), self.colour_map.logits(shares)
+            if self.colour_map.log_logit_weight is not None:  # logged: whether the logit path grew or faded
+                weight = self.colour_map.log_logit_weight.detach().exp()
+                out.metrics["train/colour_logit_weight"] = (weight, torch.ones_like(weight))
 
     def per_slot(self, batch: dict[str, torch.Tensor], statistic) -> torch.Tensor:
         """(B, D, ...): ``statistic`` (input and output canvases (..., L) -> (..., ...)) of each

@@ -87,6 +87,10 @@ def test_every_weight_trains_on_continuing_act_steps(conditioner, layout, priors
     without = [n for n, _ in model.conditioner.named_parameters() if n not in grads or not grads[n].abs().sum() > 0]
     assert not without, f"weights without gradient: {without}"
     assert metrics["grad/encoder_norm"][0] > 0
+    if priors.get("colour_map_logits"):  # the logit path's weight, logged as it stood in the step
+        total, count = metrics["train/colour_logit_weight"]
+        torch.testing.assert_close(total / count, model.conditioner.colour_map.log_logit_weight.detach().exp(),
+                                   rtol=1e-2, atol=0)
 
 
 @pytest.mark.parametrize("conditioner,layout", CASES)
