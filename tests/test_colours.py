@@ -57,8 +57,9 @@ def test_a_held_out_colour_pair_arrives_as_a_trained_one():
     assert not torch.allclose(table[0, 2], table[0, 9])
 
 
-def test_the_core_adds_each_input_tokens_row():
-    """A zero table changes nothing; a table acts as that batch row's token embedding plus its rows."""
+def small_core():
+    """A one-layer core (hidden 16, vocab 12, a 3x3 grid) in float64, and a call of it on 2 fixed
+    examples with 2 context tokens: ``run(input_embedding, output_bias)`` -> its outputs."""
     arch = ArchConfig(hidden_size=16, num_heads=2, L_layers=1, H_cycles=1, L_cycles=1, puzzle_emb_len=2)
     torch.manual_seed(0)
     core = RecursiveCore(arch, vocab_size=12, seq_len=9).double()
@@ -66,7 +67,14 @@ def test_the_core_adds_each_input_tokens_row():
     inputs = torch.randint(0, 12, (B, L))
     context = torch.randn(B, P, 16, dtype=torch.float64)
     z = torch.randn(B, P + L, 16, dtype=torch.float64)
-    run = lambda table: core(z, z, inputs, context, None, None, None, table)[2]  # noqa: E731
+    return core, inputs, lambda table=None, bias=None: core(z, z, inputs, context, None, None, None, table, bias)
+
+
+def test_the_core_adds_each_input_tokens_row():
+    """A zero table changes nothing; a table acts as that batch row's token embedding plus its rows."""
+    core, _, call = small_core()
+    B = 2
+    run = lambda table: call(table)[2]  # noqa: E731
     torch.testing.assert_close(run(torch.zeros(B, 12, 16, dtype=torch.float64)), run(None))
     table = torch.randn(B, 12, 16, dtype=torch.float64)
     got = run(table)
@@ -98,14 +106,9 @@ def test_logit_rows_are_the_shares_times_the_learned_weight():
 def test_the_core_adds_each_input_tokens_logit_row():
     """A zero bias changes nothing; otherwise each grid cell's logits gain the row of its input
     token, and nothing else changes (the context, the halting)."""
-    arch = ArchConfig(hidden_size=16, num_heads=2, L_layers=1, H_cycles=1, L_cycles=1, puzzle_emb_len=2)
-    torch.manual_seed(0)
-    core = RecursiveCore(arch, vocab_size=12, seq_len=9).double()
-    B, P, L = 2, 2, 9
-    inputs = torch.randint(0, 12, (B, L))
-    context = torch.randn(B, P, 16, dtype=torch.float64)
-    z = torch.randn(B, P + L, 16, dtype=torch.float64)
-    run = lambda bias: core(z, z, inputs, context, None, None, None, None, bias)  # noqa: E731
+    _, inputs, call = small_core()
+    B, L = inputs.shape
+    run = lambda bias: call(bias=bias)  # noqa: E731
     plain = run(None)
     torch.testing.assert_close(run(torch.zeros(B, 12, 12, dtype=torch.float64))[2], plain[2])
     bias = torch.randn(B, 12, 12, dtype=torch.float64)
