@@ -33,14 +33,15 @@ from trm.model.layers import trunc_normal_
 
 
 class ColourMap(nn.Module):
-    """A task's token-to-token map from its demonstrations, as a per-token input embedding."""
+    """A task's token-to-token map from its demonstrations, as a per-token input embedding (and,
+    with the logit path, a per-token output bias)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, logit_weight: float | None = None):
         super().__init__()
         # Row b: "this cell becomes b", at the scale of the core's scaled token embeddings.
         self.to_hidden = nn.Parameter(trunc_normal_(torch.empty(vocab_size, hidden_size), 1.0))
-        # Learned in log space: the core's own logits grow to tens over a run (stablemax is linear
-        # above 0), and an optimiser's steps of about lr each would leave a plain weight far behind.
+        # Learned in log space: the core's own logits grow to tens or a hundred over a run (stablemax
+        # is linear above 0), and an optimiser's steps of about lr each would leave a plain weight behind.
         self.log_logit_weight = None if logit_weight is None else nn.Parameter(torch.tensor(math.log(logit_weight)))
 
     def count(self, inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
