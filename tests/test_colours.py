@@ -72,8 +72,8 @@ def small_core():
 
 def test_the_core_adds_each_input_tokens_row():
     """A zero table changes nothing; a table acts as that batch row's token embedding plus its rows."""
-    core, _, call = small_core()
-    B = 2
+    core, inputs, call = small_core()
+    B = inputs.shape[0]
     run = lambda table: call(table)[2]  # noqa: E731
     torch.testing.assert_close(run(torch.zeros(B, 12, 16, dtype=torch.float64)), run(None))
     table = torch.randn(B, 12, 16, dtype=torch.float64)

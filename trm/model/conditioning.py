@@ -13,9 +13,10 @@ may add to the core's attention score from one grid cell to another a bias for t
 (dy, dx), per head (a task's prior over where a cell's answer lies); ``input_embedding`` (B, vocab,
 hidden) may add to the core's embedding of each query input token a vector per token (a task's
 prior over what each colour becomes), and ``output_bias`` (B, vocab, vocab) to the output logits of
-each query cell a row per input token (the same prior, in logits). Then come auxiliary losses (already weighted, summed over the batch, added to the training loss and
-logged as ``train/<name>`` per sample) and metrics ((sum, count) pairs, logged as sum / count). The
-core never knows where the context came from.
+each query cell a row per input token (the same prior, in logits). Then come auxiliary losses
+(already weighted, summed over the batch, added to the training loss and logged as
+``train/<name>`` per sample) and metrics ((sum, count) pairs, logged as sum / count). The core
+never knows where the context came from.
 
 Everything the training loop, the optimisers, test-time adaptation, prediction and the benchmarks
 need from a conditioner is asked of :class:`Conditioner` (its parameter groups, a sparse optimiser,

@@ -16,6 +16,11 @@ from trm.model.conditioning import Conditioner, Conditioning, LatentSteps
 from trm.model.layers import IGNORE_INDEX, Block, Rotary, cell_offsets, linear, stablemax_cross_entropy, trunc_normal_
 
 
+def rows_of(table: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(B, vocab, n) per-example table, (B, L) tokens -> (B, L, n): each token's row of its example's table."""
+    return torch.gather(table, 1, tokens.long()[..., None].expand(-1, -1, table.shape[-1]))
+
+
 class RecursiveCore(nn.Module):
     """One shared stack of ``L_layers`` post-norm blocks applied recursively.
 
@@ -70,7 +75,7 @@ class RecursiveCore(nn.Module):
         P = context.shape[1]
         tokens = self.embed_scale * self.embed_tokens(inputs)
         if input_embedding is not None:
-            tokens = tokens + torch.gather(input_embedding.to(tokens.dtype), 1, inputs.long()[..., None].expand_as(tokens))
+            tokens = tokens + rows_of(input_embedding.to(tokens.dtype), inputs)
         x = torch.cat((context.to(tokens.dtype), tokens), dim=1)
         rope, key_mask, offsets = self.positions(inputs, P, context_mask, context_positions, offset_bias)
         with torch.no_grad():
@@ -83,7 +88,7 @@ class RecursiveCore(nn.Module):
         z_H = self.net(z_H, z_L, rope, key_mask, offsets)
         logits = self.lm_head(z_H[:, P:])
         if output_bias is not None:
-            logits = logits + torch.gather(output_bias.to(logits.dtype), 1, inputs.long()[..., None].expand_as(logits))
+            logits = logits + rows_of(output_bias.to(logits.dtype), inputs)
         q_logits = self.q_head(z_H[:, 0]).float()
         return z_H, z_L, logits, q_logits
 
